@@ -1,0 +1,245 @@
+"""Reference implementation of the rotary family (SPEC §2.3): pyramid coordinates,
+frequency layouts and the rotation itself, in plain PyTorch.
+
+Angles are ``angle[l, j] = sum_a coords[l, a] * freqs[a, j]`` in fp32 (optionally per
+head), so one apply function covers 1D RoPE (one axis), axial 2D RoPE (Infinity),
+M-RoPE (three axes, disjoint sections) and RoPE-Mixed (dense learnable freqs).
+
+Conventions (each one is a way to silently differ from the models, SPEC §2.4):
+
+* coordinates are (row, col) per token, rows in raster order, scale after scale;
+* ``axial_rope_freqs``: pairs [0, D/4) rotate with the row, [D/4, D/2) with the
+  column, ``theta_j = base^(-4j/D)`` computed like Infinity (``1 / base**(2j/(D/2))``
+  in fp32);
+* pairing ``interleaved``: pair j = dims (2j, 2j+1); ``half``: pair j = dims
+  (j, j + D/2); rotation ``(x0, x1) -> (x0 cos - x1 sin, x0 sin + x1 cos)``;
+* all math in fp32 with autocast off, outputs cast back to the input dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+
+PAIRINGS = ("interleaved", "half")
+COORD_MODES = ("raw", "round", "fractional", "corner")
+
+Scale = Union[int, Tuple[int, int]]
+
+
+def _as_hw(scale, what: str) -> Tuple[int, int]:
+    if isinstance(scale, (tuple, list)) and len(scale) == 3:
+        if scale[0] != 1:  # Infinity's (t, h, w) schedule entries, images only
+            raise ValueError(f"{what}: (t, h, w) entries need t == 1, got {scale!r}")
+        scale = scale[1:]
+    if isinstance(scale, (tuple, list)) and len(scale) == 2:
+        h, w = scale
+    else:
+        h = w = scale
+    for v in (h, w):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"{what} must be an int pn or a pair (h, w) of ints, got {scale!r}")
+        if v < 1:
+            raise ValueError(f"{what} must have sides >= 1, got {scale!r}")
+    return h, w
+
+
+def normalize_scales(scales: Sequence[Scale]) -> Tuple[Tuple[int, int], ...]:
+    """``[pn]``, ``[(h, w)]`` or Infinity's ``[(1, h, w)]`` -> tuple of (h, w)."""
+    if isinstance(scales, (int, torch.Tensor)) or not hasattr(scales, "__len__") or len(scales) == 0:
+        raise ValueError(f"scales must be a non-empty sequence of pn or (h, w), got {scales!r}")
+    return tuple(_as_hw(s, f"scales[{i}]") for i, s in enumerate(scales))
+
+
+def scale_offsets(scales: Sequence[Scale]) -> Tuple[int, ...]:
+    """begin_s of every scale plus the total length L as the last entry."""
+    out = [0]
+    for h, w in normalize_scales(scales):
+        out.append(out[-1] + h * w)
+    return tuple(out)
+
+
+def _axis_coords(n: int, final: int, mode: str, corner_scale: float) -> torch.Tensor:
+    """Coordinates of rows 0..n-1 of a side of length n when the final side is ``final``."""
+    idx = torch.arange(n, dtype=torch.float64)
+    if mode == "raw":
+        return idx.float()
+    if mode == "round":
+        # Infinity: (arange(n) * (final / n)).round() -> the ratio is a Python double
+        # that torch multiplies in fp32 with the int row; round() is half-to-even.
+        ratio = torch.tensor(final / n, dtype=torch.float32)
+        return torch.round(idx.float() * ratio)
+    if mode == "fractional":
+        return (idx * (final / n)).float()
+    # corner: the first and last rows of every scale land on 0 and corner_scale.
+    if n == 1:
+        return torch.zeros(1, dtype=torch.float32)
+    return (idx / (n - 1) * corner_scale).float()
+
+
+def pyramid_coords(scales: Sequence[Scale], *, mode: str = "raw", final: Optional[Scale] = None,
+                   corner_scale: Union[None, float, Tuple[float, float]] = None) -> torch.Tensor:
+    """(L, 2) fp32 (row, col) coordinates of the tokens of a scale pyramid.
+
+    ``scales``: ``[pn]`` (square), ``[(h, w)]`` or ``[(1, h, w)]``; tokens are in raster
+    order within a scale and scales follow each other coarse to fine. ``final`` is the
+    grid the coordinates are mapped to (default: the last scale). ``mode``:
+
+    * ``raw``: (r, c);
+    * ``round`` (Infinity's shipped mode): ``round(r * fp32(H/h))``, product in fp32,
+      round half to even;
+    * ``fractional`` (HART): ``r * H/h`` (exact, then rounded to fp32);
+    * ``corner`` (STAR): ``r / (h-1) * n`` (0 when the side is 1) with
+      ``n = corner_scale``: a number or a (rows, cols) pair, default (H-1, W-1).
+    """
+    if mode not in COORD_MODES:
+        raise ValueError(f"mode must be one of {COORD_MODES}, got {mode!r}")
+    hw = normalize_scales(scales)
+    H, W = hw[-1] if final is None else _as_hw(final, "final")
+    if corner_scale is not None and mode != "corner":
+        raise ValueError(f"corner_scale is only used by mode='corner', got mode={mode!r}")
+    if corner_scale is None:
+        n_row, n_col = float(H - 1), float(W - 1)
+    elif isinstance(corner_scale, (tuple, list)):
+        if len(corner_scale) != 2:
+            raise ValueError(f"corner_scale must be a number or a (rows, cols) pair, got {corner_scale!r}")
+        n_row, n_col = (float(v) for v in corner_scale)
+    else:
+        n_row = n_col = float(corner_scale)
+    parts = []
+    for h, w in hw:
+        rows = _axis_coords(h, H, mode, n_row)
+        cols = _axis_coords(w, W, mode, n_col)
+        # meshgrid 'ij': the row index is the slow one (raster order).
+        grid = torch.stack(torch.meshgrid(rows, cols, indexing="ij"), dim=-1)
+        parts.append(grid.reshape(h * w, 2))
+    return torch.cat(parts, dim=0).to(torch.float32).contiguous()
+
+
+def _check_head_dim(head_dim: int, multiple: int = 2) -> None:
+    if isinstance(head_dim, bool) or not isinstance(head_dim, int):
+        raise TypeError(f"head_dim must be an int, got {type(head_dim).__name__}")
+    if head_dim <= 0 or head_dim % multiple:
+        raise ValueError(f"head_dim must be a positive multiple of {multiple}, got {head_dim}")
+
+
+def _inv_freq(num: int, denom: int, base: float) -> torch.Tensor:
+    """``1 / base**(2i/denom)`` for i < num, in fp32 the way HF / Infinity compute it."""
+    if not (isinstance(base, (int, float)) and base > 0):
+        raise ValueError(f"base must be a positive number, got {base!r}")
+    return 1.0 / (base ** (torch.arange(0, 2 * num, 2, dtype=torch.int64).float() / denom))
+
+
+def axial_rope_freqs(head_dim: int, *, base: float = 10000.0) -> torch.Tensor:
+    """(2, D/2) fp32 axial 2D frequencies (Infinity layout): row 0 (the row axis) holds
+    ``base^(-4j/D)`` on pairs [0, D/4) and zeros elsewhere; row 1 (the column axis)
+    holds the same values on pairs [D/4, D/2). Needs D % 4 == 0."""
+    _check_head_dim(head_dim, 4)
+    quarter = head_dim // 4
+    theta = _inv_freq(quarter, head_dim // 2, base)  # base^(-2i/(D/2)) = base^(-4i/D)
+    freqs = torch.zeros(2, head_dim // 2, dtype=torch.float32)
+    freqs[0, :quarter] = theta
+    freqs[1, quarter:] = theta
+    return freqs
+
+
+def rope_1d_freqs(head_dim: int, *, base: float = 10000.0) -> torch.Tensor:
+    """(1, D/2) fp32 standard 1D RoPE frequencies ``base^(-2j/D)``."""
+    _check_head_dim(head_dim)
+    return _inv_freq(head_dim // 2, head_dim, base)[None]
+
+
+def mrope_freqs(head_dim: int, sections: Sequence[int], *, base: float = 10000.0) -> torch.Tensor:
+    """(len(sections), D/2) fp32 M-RoPE frequencies (Qwen2-VL): the 1D frequencies
+    ``base^(-2j/D)`` split into contiguous sections of pairs, section a rotating with
+    axis a (e.g. (t, h, w) with sections (16, 24, 24) for D = 128), zeros elsewhere.
+    Use it with ``pairing="half"`` to match Qwen2-VL."""
+    _check_head_dim(head_dim)
+    sections = tuple(sections)
+    if not sections or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in sections):
+        raise ValueError(f"sections must be non-negative ints, got {sections!r}")
+    if sum(sections) != head_dim // 2:
+        raise ValueError(f"sections must sum to head_dim // 2 = {head_dim // 2}, got {sections!r} "
+                         f"(sum {sum(sections)})")
+    inv = _inv_freq(head_dim // 2, head_dim, base)
+    freqs = torch.zeros(len(sections), head_dim // 2, dtype=torch.float32)
+    start = 0
+    for a, s in enumerate(sections):
+        freqs[a, start:start + s] = inv[start:start + s]
+        start += s
+    return freqs
+
+
+def rope_mixed_freqs(num_heads: int, head_dim: int, *, theta: float = 10.0, rotate: bool = True,
+                     generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """(H, 2, D/2) fp32 initial RoPE-Mixed frequencies (Heo et al. 2024), axes (row, col).
+
+    Per head a random direction phi (uniform in [0, 2 pi) when ``rotate``, else 0);
+    magnitudes ``theta^(-4i/D)`` for i < D/4. Pairs [0, D/4) get direction phi, pairs
+    [D/4, D/2) direction phi + pi/2; the column (x) frequency is ``mag * cos(dir)``,
+    the row (y) frequency ``mag * sin(dir)``. Learnable: wrap it in an nn.Parameter."""
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
+        raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
+    _check_head_dim(head_dim, 4)
+    quarter = head_dim // 4
+    mag = _inv_freq(quarter, head_dim // 2, theta).double()
+    if rotate:
+        phi = torch.rand(num_heads, 1, generator=generator, dtype=torch.float64) * (2 * math.pi)
+    else:
+        phi = torch.zeros(num_heads, 1, dtype=torch.float64)
+    direction = torch.cat([phi.expand(-1, quarter), (phi + math.pi / 2).expand(-1, quarter)], dim=1)
+    mag = torch.cat([mag, mag])
+    row = mag * torch.sin(direction)
+    col = mag * torch.cos(direction)
+    return torch.stack([row, col], dim=1).float()
+
+
+def rope_angles(coords: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """fp32 rotation angles ``sum_a coords[..., l, a] * freqs[..., a, j]``.
+
+    coords (L, A) or (B, L, A); freqs (A, P) or per head (H, A, P). Returns a tensor
+    that broadcasts against (B, H, L, P): (1, 1, L, P), (B, 1, L, P), (1, H, L, P)
+    or (B, H, L, P)."""
+    c = coords.float()
+    f = freqs.float()
+    if c.dim() == 2:
+        c = c[None]
+    c = c[:, None, :, :, None]  # (B|1, 1, L, A, 1)
+    f = f[None, None, None] if f.dim() == 2 else f[None, :, None]  # (1, H|1, 1, A, P)
+    return (c * f).sum(dim=-2)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pairing: str = "interleaved") -> torch.Tensor:
+    """Rotates the pairs of the last dim of ``x`` (..., D) by angles whose cos / sin
+    broadcast against (..., D/2); the result has x's dtype, math in fp32."""
+    if pairing not in PAIRINGS:
+        raise ValueError(f"pairing must be one of {PAIRINGS}, got {pairing!r}")
+    xf = x.float()
+    if pairing == "interleaved":
+        x0, x1 = xf[..., 0::2], xf[..., 1::2]
+    else:
+        half = xf.shape[-1] // 2
+        x0, x1 = xf[..., :half], xf[..., half:]
+    y0 = x0 * cos - x1 * sin
+    y1 = x0 * sin + x1 * cos
+    if pairing == "interleaved":
+        y = torch.stack([y0, y1], dim=-1).flatten(-2)
+    else:
+        y = torch.cat([y0, y1], dim=-1)
+    return y.to(x.dtype)
+
+
+def apply_rope(q: torch.Tensor, k: Optional[torch.Tensor], coords: torch.Tensor, freqs: torch.Tensor, *,
+               pairing: str = "interleaved") -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Rotates q (B, Hq, L, D) and k (B, Hk, L, D) (or None) by the angles of
+    ``rope_angles(coords, freqs)``; per-head freqs (H, A, D/2) need Hq == Hk == H.
+    Differentiable in q, k and freqs; outputs in the input dtypes."""
+    device_type = q.device.type if q.device.type in ("cuda", "cpu", "xpu") else "cpu"
+    with torch.autocast(device_type=device_type, enabled=False):
+        angles = rope_angles(coords, freqs)
+        cos, sin = torch.cos(angles), torch.sin(angles)
+        q_out = rotate(q, cos, sin, pairing)
+        k_out = None if k is None else rotate(k, cos, sin, pairing)
+    return q_out, k_out
