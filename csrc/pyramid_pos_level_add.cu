@@ -1,0 +1,207 @@
+// Fused pyramid position + level embedding addition: CUDA kernels.
+//
+// Forward: each thread builds the embedding of its (token, channel vector) once in
+// fp32 registers (level row + weighted learned row + weighted in-kernel sinusoid),
+// then streams it onto its share of the batch: x is read once and out written
+// once, pos/lvl are read once per token instead of once per (batch, token).
+// Backward: per chunk of rows inside one level, sum the gradient over the batch
+// (shared-memory reduction in a fixed order), write dpos rows, keep the chunk sum;
+// a second tiny kernel adds the chunk sums of each level in chunk order. No
+// atomics, so results are bit-identical from run to run.
+#include "device_utils.cuh"
+#include "posenc_fast/pyramid_pos_level_add.h"
+
+#include <algorithm>
+
+namespace posenc {
+namespace {
+
+constexpr float kLn10000 = 9.210340371976184f;
+
+__device__ __forceinline__ float load_any(const void* p, int64_t i, DType t) {
+  switch (t) {
+    case DType::kFloat16: return __half2float(static_cast<const __half*>(p)[i]);
+    case DType::kBFloat16: return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
+    default: return static_cast<const float*>(p)[i];
+  }
+}
+
+__device__ __forceinline__ void store_any(void* p, int64_t i, DType t, float v) {
+  switch (t) {
+    case DType::kFloat16: static_cast<__half*>(p)[i] = __float2half_rn(v); return;
+    case DType::kBFloat16: static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(v); return;
+    default: static_cast<float*>(p)[i] = v;
+  }
+}
+
+// Fixed pyramid table (SPEC §2.1): channels [0, C/2) encode the row, [C/2, C) the
+// column; within a half, pe[2i] = sin(p * w_i), pe[2i+1] = cos(p * w_i),
+// w_i = 10000^(-2i / (C/2)).
+__device__ __forceinline__ float sincos_value(int row, int col, int64_t c, int64_t C) {
+  const int64_t half = C / 2;
+  const bool is_row = c < half;
+  const int64_t k = is_row ? c : c - half;
+  const float w = expf(-static_cast<float>(2 * (k / 2)) / static_cast<float>(half) * kLn10000);
+  const float angle = static_cast<float>(is_row ? row : col) * w;
+  return (k % 2 == 0) ? sinf(angle) : cosf(angle);
+}
+
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Pack {
+  T v[N];
+};
+
+template <typename TX, typename TO, int VEC>
+__global__ void pyramid_add_fwd_kernel(const PyramidAddFwdArgs a, int64_t batch_per_block) {
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
+  const int64_t c0 = (static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x) * VEC;
+  if (t >= a.n || c0 >= a.C) return;
+  const int64_t g = a.start + t;
+  const int level = a.token_meta[3 * g], row = a.token_meta[3 * g + 1], col = a.token_meta[3 * g + 2];
+
+  float emb[VEC];
+#pragma unroll
+  for (int v = 0; v < VEC; ++v) {
+    const int64_t c = c0 + v;
+    float e = 0.f;
+    if (c < a.C) {
+      e = load_any(a.lvl, level * a.lvl_stride[0] + c * a.lvl_stride[1], a.lvl_dtype);
+      if (a.pos) e += a.pos_weight * load_any(a.pos, g * a.pos_stride[0] + c * a.pos_stride[1], a.pos_dtype);
+      if (a.sincos_weight != 0.f) e += a.sincos_weight * sincos_value(row, col, c, a.C);
+    }
+    emb[v] = e;
+  }
+
+  const TX* __restrict__ x = static_cast<const TX*>(a.x);
+  TO* __restrict__ out = static_cast<TO*>(a.out);
+  const int64_t b_begin = static_cast<int64_t>(blockIdx.z) * batch_per_block;
+  const int64_t b_end = b_begin + batch_per_block < a.B ? b_begin + batch_per_block : a.B;
+#pragma unroll 4
+  for (int64_t b = b_begin; b < b_end; ++b) {
+    const int64_t xo = b * a.x_stride[0] + t * a.x_stride[1];
+    const int64_t oo = (b * a.n + t) * a.C + c0;
+    if constexpr (VEC > 1) {
+      // Host guarantees unit channel stride, C % VEC == 0 and aligned rows.
+      const Pack<TX, VEC> xv = *reinterpret_cast<const Pack<TX, VEC>*>(x + xo + c0);
+      Pack<TO, VEC> ov;
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) ov.v[v] = from_float<TO>(to_float<TX>(xv.v[v]) + emb[v]);
+      *reinterpret_cast<Pack<TO, VEC>*>(out + oo) = ov;
+    } else {
+      out[oo] = from_float<TO>(to_float<TX>(x[xo + c0 * a.x_stride[2]]) + emb[0]);
+    }
+  }
+}
+
+int num_sms(int device) {
+  static int cached[64] = {0};
+  if (device < 0 || device >= 64) return 108;
+  if (cached[device] == 0)
+    POSENC_CUDA_CHECK(cudaDeviceGetAttribute(&cached[device], cudaDevAttrMultiProcessorCount, device));
+  return cached[device];
+}
+
+template <typename TX, typename TO>
+void launch_fwd(const PyramidAddFwdArgs& a, int device, cudaStream_t stream) {
+  constexpr int kVec = 16 / sizeof(TX);
+  const auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
+  const bool vec = a.x_stride[2] == 1 && a.C % kVec == 0 && a.x_stride[0] % kVec == 0 &&
+                   a.x_stride[1] % kVec == 0 && aligned(a.x) && aligned(a.out);
+  const int vec_width = vec ? kVec : 1;
+  const int64_t lanes = (a.C + vec_width - 1) / vec_width;
+  const int bx = static_cast<int>(std::min<int64_t>(128, ((lanes + 31) / 32) * 32));
+  const int by = std::max(1, 256 / bx);
+  const unsigned gx = ceil_div(a.n, by), gy = ceil_div(lanes, bx);
+  // Split the batch over grid.z until there are enough blocks to fill the GPU; each
+  // block reuses its embedding for all of its batch rows.
+  const int64_t want_blocks = 8LL * num_sms(device);
+  int64_t chunks = std::min<int64_t>(a.B, std::max<int64_t>(1, want_blocks / (int64_t(gx) * gy)));
+  chunks = std::min<int64_t>(chunks, 65535);
+  const int64_t per_block = (a.B + chunks - 1) / chunks;
+  const dim3 grid(gx, gy, static_cast<unsigned>((a.B + per_block - 1) / per_block));
+  const dim3 block(bx, by);
+  if (vec)
+    pyramid_add_fwd_kernel<TX, TO, kVec><<<grid, block, 0, stream>>>(a, per_block);
+  else
+    pyramid_add_fwd_kernel<TX, TO, 1><<<grid, block, 0, stream>>>(a, per_block);
+  check_last_launch("pyramid_add_fwd_kernel");
+}
+
+constexpr int kBwdChannels = 64;  // threads along C (coalesced)
+constexpr int kBwdLanes = 4;      // threads along the batch
+
+template <typename TG>
+__global__ void pyramid_add_bwd_rows_kernel(const PyramidAddBwdArgs a) {
+  __shared__ float red[kBwdLanes][kBwdChannels];
+  const int64_t chunk = blockIdx.x;
+  const int64_t c = static_cast<int64_t>(blockIdx.y) * kBwdChannels + threadIdx.x;
+  const int r0 = a.chunks[3 * chunk], r1 = a.chunks[3 * chunk + 1];
+  const TG* __restrict__ grad = static_cast<const TG*>(a.grad);
+  float chunk_sum = 0.f;
+  for (int r = r0; r < r1; ++r) {
+    float s = 0.f;
+    if (c < a.C) {
+      const int64_t base = r * a.grad_stride[1] + c * a.grad_stride[2];
+#pragma unroll 4
+      for (int64_t b = threadIdx.y; b < a.B; b += kBwdLanes) s += to_float<TG>(grad[base + b * a.grad_stride[0]]);
+    }
+    red[threadIdx.y][threadIdx.x] = s;
+    __syncthreads();
+    if (threadIdx.y == 0) {
+      float row = red[0][threadIdx.x];
+#pragma unroll
+      for (int l = 1; l < kBwdLanes; ++l) row += red[l][threadIdx.x];
+      if (c < a.C) {
+        if (a.dpos) store_any(a.dpos, r * a.dpos_row_stride + c, a.dpos_dtype, a.pos_weight * row);
+        chunk_sum += row;
+      }
+    }
+    __syncthreads();
+  }
+  if (threadIdx.y == 0 && c < a.C) a.partial[chunk * a.C + c] = chunk_sum;
+}
+
+__global__ void pyramid_add_bwd_levels_kernel(const PyramidAddBwdArgs a) {
+  const int64_t s = blockIdx.x;
+  const int64_t c = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
+  if (c >= a.C) return;
+  float acc = 0.f;
+  for (int k = a.level_chunk_offsets[s]; k < a.level_chunk_offsets[s + 1]; ++k) acc += a.partial[k * a.C + c];
+  store_any(a.dlvl, s * a.dlvl_row_stride + c, a.dlvl_dtype, acc);
+}
+
+}  // namespace
+
+void pyramid_pos_level_add_fwd(const PyramidAddFwdArgs& a, int device, cudaStream_t stream) {
+  POSENC_CHECK_ARG(a.x && a.lvl && a.token_meta && a.out, "pyramid_pos_level_add_fwd: null pointer");
+  POSENC_CHECK_ARG(a.B >= 0 && a.n >= 0 && a.C > 0 && a.start >= 0, "pyramid_pos_level_add_fwd: bad sizes");
+  if (a.B == 0 || a.n == 0) return;
+  set_device(device);
+  dispatch_dtype(a.x_dtype, "x", [&](auto tx) {
+    using TX = decltype(tx);
+    dispatch_dtype(a.out_dtype, "out", [&](auto to) {
+      using TO = decltype(to);
+      launch_fwd<TX, TO>(a, device, stream);
+    });
+  });
+}
+
+void pyramid_pos_level_add_bwd(const PyramidAddBwdArgs& a, int device, cudaStream_t stream) {
+  POSENC_CHECK_ARG(a.grad && a.dlvl && a.chunks && a.level_chunk_offsets && a.partial,
+                   "pyramid_pos_level_add_bwd: null pointer");
+  POSENC_CHECK_ARG(a.B >= 0 && a.n >= 0 && a.C > 0 && a.S > 0, "pyramid_pos_level_add_bwd: bad sizes");
+  set_device(device);
+  if (a.num_chunks > 0) {
+    dispatch_dtype(a.grad_dtype, "grad", [&](auto tg) {
+      using TG = decltype(tg);
+      const dim3 grid(static_cast<unsigned>(a.num_chunks), ceil_div(a.C, kBwdChannels));
+      pyramid_add_bwd_rows_kernel<TG><<<grid, dim3(kBwdChannels, kBwdLanes), 0, stream>>>(a);
+      check_last_launch("pyramid_add_bwd_rows_kernel");
+    });
+  }
+  const dim3 grid(static_cast<unsigned>(a.S), ceil_div(a.C, 256));
+  pyramid_add_bwd_levels_kernel<<<grid, 256, 0, stream>>>(a);
+  check_last_launch("pyramid_add_bwd_levels_kernel");
+}
+
+}  // namespace posenc

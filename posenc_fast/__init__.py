@@ -1,0 +1,21 @@
+"""posenc_fast: fused CUDA and Triton kernels for the position encodings of visual
+autoregressive (VAR) image generators, with pure-PyTorch reference fallbacks."""
+
+from ._backends import BACKENDS, available_backends, use_backend
+
+__version__ = "0.1.0"
+
+# -- pyramid position + level embedding (VAR) --
+from .ops.pyramid import pyramid_pos_level_add  # noqa: E402
+from .nn.pyramid import PyramidPosLevelEmbedding  # noqa: E402
+
+# -- 2D rotary family (Infinity, STAR, HART, ViTs) --
+
+# -- fused attention input projection --
+
+from . import integrations  # noqa: E402,F401
+
+__all__ = [
+    "BACKENDS", "available_backends", "use_backend",
+    "pyramid_pos_level_add", "PyramidPosLevelEmbedding",
+]

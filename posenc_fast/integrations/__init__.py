@@ -1,0 +1,1 @@
+"""Integrations with public model code (VAR)."""

@@ -1,0 +1,3 @@
+"""nn.Modules built on the fused ops."""
+
+from .pyramid import PyramidPosLevelEmbedding  # noqa: F401

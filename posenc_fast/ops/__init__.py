@@ -1,0 +1,1 @@
+"""Public ops: argument checks, backend dispatch, torch.library custom ops and autograd."""

@@ -1,0 +1,222 @@
+"""``pyramid_pos_level_add``: the fused VAR pyramid position + level embedding op.
+
+Public function -> argument checks -> backend choice -> either the reference
+(plain autograd) or the custom op ``posenc_fast::pyramid_pos_level_add`` whose
+implementation launches the Triton or CUDA kernels. The custom ops have fake
+implementations and a registered autograd formula, so ``torch.compile(fullgraph=True)``
+traces them without graph breaks and CUDA graphs can capture them (launches go to
+the current stream; no host syncs once the per-pyramid tables are cached).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+from .. import _backends, _checks
+from .. import _cuda
+from ..reference import pyramid as ref
+from ..reference.pyramid import Scale, normalize_scales, pyramid_length
+
+OP = "pyramid_pos_level_add"
+# Rows per backward chunk: enough programs to fill a GPU at L = 680, few enough
+# that the per-level pass over the partial sums stays negligible.
+_CHUNK_ROWS = 8
+
+
+def _flat(scales: Tuple[Tuple[int, int], ...]) -> List[int]:
+    return [v for hw in scales for v in hw]
+
+
+def _unflat(flat: Sequence[int]) -> Tuple[Tuple[int, int], ...]:
+    return tuple((int(flat[i]), int(flat[i + 1])) for i in range(0, len(flat), 2))
+
+
+@functools.lru_cache(maxsize=128)
+def _token_meta(scales: Tuple[Tuple[int, int], ...], device: torch.device) -> torch.Tensor:
+    """int32 (L, 3) table of (level, row, col), cached per pyramid and device."""
+    return torch.tensor(ref.token_table(scales), dtype=torch.int32, device=device)
+
+
+@functools.lru_cache(maxsize=128)
+def _chunk_tables(scales: Tuple[Tuple[int, int], ...], start: int, n: int,
+                  device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Backward work split of the window [start, start + n): int32 chunks
+    (row_begin, row_end, level) that never straddle a level, sorted by level, and
+    int32 (S + 1) offsets of each level's first chunk."""
+    chunks, offsets, begin = [], [0], 0
+    for s, (h, w) in enumerate(scales):
+        lo, hi = max(begin, start) - start, min(begin + h * w, start + n) - start
+        for r in range(lo, hi, _CHUNK_ROWS):
+            chunks.append((r, min(r + _CHUNK_ROWS, hi), s))
+        offsets.append(len(chunks))
+        begin += h * w
+    table = torch.tensor(chunks, dtype=torch.int32).reshape(-1, 3)
+    return table.to(device), torch.tensor(offsets, dtype=torch.int32, device=device)
+
+
+def _out_dtype(x: torch.Tensor, pos: Optional[torch.Tensor], lvl: torch.Tensor) -> torch.dtype:
+    dt = torch.promote_types(x.dtype, lvl.dtype)
+    return dt if pos is None else torch.promote_types(dt, pos.dtype)
+
+
+@torch.library.custom_op("posenc_fast::pyramid_pos_level_add", mutates_args=())
+def _fwd_op(x: torch.Tensor, pos: Optional[torch.Tensor], lvl: torch.Tensor, scales: List[int],
+            start: int, pos_weight: float, sincos_weight: float, backend: str) -> torch.Tensor:
+    sc = _unflat(scales)
+    B, n, C = x.shape
+    out = _checks.empty((B, n, C), dtype=_out_dtype(x, pos, lvl), device=x.device)
+    meta = _token_meta(sc, x.device)
+    if backend == "triton":
+        from ..triton_kernels import pyramid_pos_level_add as tk
+
+        tk.pyramid_pos_level_add_fwd(x, pos, lvl, meta, out, start=start, pos_weight=pos_weight,
+                                     sincos_weight=sincos_weight)
+    elif backend == "cuda":
+        lib = _cuda.lib()
+        lib.pyramid_pos_level_add_fwd(
+            _cuda.ptr(x), _cuda.dtype_code(x), list(x.stride()),
+            _cuda.ptr(pos), _cuda.dtype_code(pos) if pos is not None else 0,
+            list(pos.stride()) if pos is not None else [0, 0],
+            _cuda.ptr(lvl), _cuda.dtype_code(lvl), list(lvl.stride()),
+            _cuda.ptr(meta), _cuda.ptr(out), _cuda.dtype_code(out), B, n, C, start,
+            pos_weight, sincos_weight, x.device.index, _cuda.stream(x.device))
+    else:
+        raise ValueError(f"posenc_fast::{OP} has no kernel for backend {backend!r}")
+    return out
+
+
+@_fwd_op.register_fake
+def _(x, pos, lvl, scales, start, pos_weight, sincos_weight, backend):
+    return x.new_empty(x.shape, dtype=_out_dtype(x, pos, lvl))
+
+
+@torch.library.custom_op("posenc_fast::pyramid_pos_level_add_backward", mutates_args=())
+def _bwd_op(grad: torch.Tensor, scales: List[int], start: int, L: int, pos_weight: float,
+            need_dpos: bool, pos_dtype: torch.dtype, lvl_dtype: torch.dtype,
+            backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    sc = _unflat(scales)
+    B, n, C = grad.shape
+    dev = grad.device
+    chunks, offsets = _chunk_tables(sc, start, n, dev)
+    partial = _checks.empty((chunks.shape[0], C), dtype=torch.float32, device=dev)
+    dlvl = _checks.empty((len(sc), C), dtype=lvl_dtype, device=dev)
+    if need_dpos:
+        # Rows outside the window get no gradient; inside, the kernel writes every element.
+        full = n == L
+        dpos = _checks.empty((L, C), dtype=pos_dtype, device=dev) if full else torch.zeros(
+            (L, C), dtype=pos_dtype, device=dev)
+        window = dpos[start:start + n]
+    else:
+        dpos, window = grad.new_empty((0,), dtype=pos_dtype), None
+    if backend == "triton":
+        from ..triton_kernels import pyramid_pos_level_add as tk
+
+        tk.pyramid_pos_level_add_bwd(grad, window, dlvl, chunks, offsets, partial, pos_weight=pos_weight)
+    elif backend == "cuda":
+        lib = _cuda.lib()
+        lib.pyramid_pos_level_add_bwd(
+            _cuda.ptr(grad), _cuda.dtype_code(grad), list(grad.stride()),
+            _cuda.ptr(window), _cuda.dtype_code(dpos) if need_dpos else 0, C,
+            _cuda.ptr(dlvl), _cuda.dtype_code(dlvl), C,
+            _cuda.ptr(chunks), chunks.shape[0], _cuda.ptr(offsets), len(sc),
+            _cuda.ptr(partial), B, n, C, pos_weight, dev.index, _cuda.stream(dev))
+    else:
+        raise ValueError(f"posenc_fast::{OP} has no kernel for backend {backend!r}")
+    return dpos, dlvl
+
+
+@_bwd_op.register_fake
+def _(grad, scales, start, L, pos_weight, need_dpos, pos_dtype, lvl_dtype, backend):
+    C = grad.shape[2]
+    dpos = grad.new_empty((L, C) if need_dpos else (0,), dtype=pos_dtype)
+    return dpos, grad.new_empty((len(scales) // 2, C), dtype=lvl_dtype)
+
+
+def _setup_context(ctx, inputs, output):
+    x, pos, lvl, scales, start, pos_weight, sincos_weight, backend = inputs
+    ctx.scales, ctx.start, ctx.pos_weight, ctx.backend = scales, start, pos_weight, backend
+    ctx.x_dtype, ctx.lvl_dtype = x.dtype, lvl.dtype
+    ctx.has_pos = pos is not None
+    ctx.pos_shape = None if pos is None else pos.shape
+    ctx.pos_dtype = lvl.dtype if pos is None else pos.dtype
+
+
+def _backward(ctx, grad):
+    _, need_pos, need_lvl = ctx.needs_input_grad[:3]
+    dx = grad.to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
+    if not (need_pos or need_lvl):
+        return dx, None, None, None, None, None, None, None
+    L = pyramid_length(_unflat(ctx.scales))
+    dpos, dlvl = _bwd_op(grad, ctx.scales, ctx.start, L, ctx.pos_weight, bool(ctx.has_pos and need_pos),
+                         ctx.pos_dtype, ctx.lvl_dtype, ctx.backend)
+    dpos = dpos.reshape(ctx.pos_shape) if (ctx.has_pos and need_pos) else None
+    return dx, dpos, (dlvl if need_lvl else None), None, None, None, None, None
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _validate(x, pos, lvl, patch_nums, start, pos_weight, sincos_weight):
+    _checks.check_tensor("x", x, ndim=3)
+    _checks.check_tensor("pos", pos, ndim=(2, 3), allow_none=True)
+    _checks.check_tensor("lvl", lvl, ndim=2)
+    device = _checks.check_same_device(x=x, pos=pos, lvl=lvl)
+    scales = normalize_scales(patch_nums)
+    L, S = pyramid_length(scales), len(scales)
+    B, n, C = x.shape
+    if pos is not None:
+        if pos.dim() == 3 and pos.shape[0] != 1:
+            raise ValueError(f"pos must be (L, C) or (1, L, C), got shape {tuple(pos.shape)}")
+        if pos.shape[-2] != L:
+            raise ValueError(f"pos has {pos.shape[-2]} positions but patch_nums {list(patch_nums)} "
+                             f"describe L = {L} tokens")
+        if pos.shape[-1] != C:
+            raise ValueError(f"pos has {pos.shape[-1]} channels but x has C = {C}")
+    if lvl.shape[0] != S:
+        raise ValueError(f"lvl has {lvl.shape[0]} rows but patch_nums has {S} scales")
+    if lvl.shape[1] != C:
+        raise ValueError(f"lvl has {lvl.shape[1]} channels but x has C = {C}")
+    _checks.check_int("start", start, minimum=0)
+    if start + n > L:
+        raise ValueError(f"window [start, start + n) = [{start}, {start + n}) exceeds the pyramid's L = {L} tokens")
+    for name, v in (("pos_weight", pos_weight), ("sincos_weight", sincos_weight)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise TypeError(f"{name} must be a float, got {type(v).__name__}")
+    if sincos_weight != 0.0 and C % 2:
+        raise ValueError(f"the sincos table needs an even number of channels, x has C = {C}")
+    return device, scales
+
+
+def pyramid_pos_level_add(x: torch.Tensor, pos: Optional[torch.Tensor], lvl: torch.Tensor,
+                          patch_nums: Sequence[Scale], *, start: int = 0, pos_weight: float = 1.0,
+                          sincos_weight: float = 0.0, backend: Optional[str] = None) -> torch.Tensor:
+    """``x + pos[start + i] + lvl[level(start + i)]`` for the pyramid tokens ``[start, start + n)``.
+
+    Args:
+        x: (B, n, C) token embeddings holding pyramid tokens ``[start, start + n)``
+            (any batch: classifier-free guidance doubles it). Any strides.
+        pos: learned position table (L, C) or VAR's ``pos_1LC`` (1, L, C); None for
+            no learned table.
+        lvl: level embedding (S, C), e.g. VAR's ``lvl_embed.weight``.
+        patch_nums: the scales, coarse to fine: ``[pn]`` (square) or ``[(h, w)]``.
+        start: first pyramid token held by x (scale-by-scale inference: ``begin_s``).
+        pos_weight / sincos_weight: coefficients of the learned table and of the fixed
+            2D sinusoidal pyramid table (SPEC §2.1), generated inside the kernels;
+            ``mixed`` tables use ``alpha`` and ``1 - alpha``.
+        backend: None, "auto", "cuda", "triton" or "reference" (see ``use_backend``).
+
+    Returns a new (B, n, C) tensor in the dtype eager PyTorch gives ``x + pos + lvl``;
+    sums in fp32. Gradients: ``dx = dout``; ``dpos`` for the window rows and ``dlvl``
+    come from one deterministic pass over ``dout``.
+    """
+    device, scales = _validate(x, pos, lvl, patch_nums, start, pos_weight, sincos_weight)
+    name = _backends.resolve_backend(OP, backend, device)
+    if name == "reference":
+        return ref.pyramid_pos_level_add(x, pos, lvl, scales, start=start, pos_weight=float(pos_weight),
+                                         sincos_weight=float(sincos_weight))
+    pos2d = None if pos is None else (pos[0] if pos.dim() == 3 else pos)
+    out = _fwd_op(x, pos2d, lvl, _flat(scales), start, float(pos_weight), float(sincos_weight), name)
+    return out

@@ -1,0 +1,1 @@
+"""Pure-PyTorch references: one per op family, written for clarity (the spec in code)."""

@@ -1,0 +1,49 @@
+"""Reference for the fused attention input projection (SPEC §2.2, §2.3), in plain PyTorch.
+
+    qkv = x @ W^T + bias                      W (3C, C): rows q | k | v, head-major
+    q, k, v = split into H heads of D = C / H, layout (B, H, L, D)
+    if qk_l2norm:  q, k = q / max(||q||, 1e-12), k / max(||k||, 1e-12)   (per head)
+    if q_scale:    q = q * q_scale[h]
+    if rope:       q, k = rotate(q, k)  (SPEC §2.3, after the norm, like Infinity)
+
+The GEMM runs in the input dtype (like ``F.linear``); normalisation, scale and
+rotation run in fp32 and the results are cast back to the input dtype. Autocast is
+handled by the caller (``posenc_fast.ops.qkv_proj`` casts the inputs like
+``F.linear`` does and calls this with autocast off).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from .rope import apply_rope
+
+L2_EPS = 1e-12
+
+
+def qkv_proj(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
+             num_heads: int, qk_l2norm: bool = False, q_scale: Optional[torch.Tensor] = None,
+             coords: Optional[torch.Tensor] = None, freqs: Optional[torch.Tensor] = None,
+             pairing: str = "interleaved") -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x (B, L, C), weight (3C, C), bias (3C,) or None, q_scale (H,) or None,
+    coords (L, A) or (B, L, A) with freqs (A, D/2) or (H, A, D/2), or both None.
+    Returns contiguous q, k, v (B, H, L, D) in x's dtype."""
+    B, L, C = x.shape
+    H = num_heads
+    D = C // H
+    qkv = F.linear(x, weight, bias)
+    q, k, v = qkv.view(B, L, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)
+    if qk_l2norm or q_scale is not None or coords is not None:
+        q, k = q.float(), k.float()
+        if qk_l2norm:
+            q = F.normalize(q, dim=-1, eps=L2_EPS)
+            k = F.normalize(k, dim=-1, eps=L2_EPS)
+        if q_scale is not None:
+            q = q * q_scale.float().view(1, H, 1, 1)
+        if coords is not None:
+            q, k = apply_rope(q, k, coords, freqs, pairing=pairing)
+        q, k = q.to(x.dtype), k.to(x.dtype)
+    return q.contiguous(), k.contiguous(), v.contiguous()

@@ -1,0 +1,159 @@
+"""Triton kernels for the fused pyramid position + level embedding addition.
+
+Forward: one program owns a (token block, channel block) tile, builds its
+embedding once in fp32 (level row + weighted learned row + weighted in-kernel
+sinusoid, SPEC §2.1) and streams it onto a slice of the batch, so pos/lvl are read
+once per token and x/out once per element.
+
+Backward (deterministic, no atomics): ``_bwd_rows_kernel`` sums the gradient over
+the batch for each row of a chunk (chunks never straddle levels), writes dpos and
+one fp32 partial per chunk; ``_bwd_levels_kernel`` adds each level's partials in
+chunk order.
+
+The launchers take the token/chunk tables built by ``posenc_fast.ops.pyramid`` and
+assume validated arguments.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+_LN_10000 = math.log(10000.0)
+
+
+@triton.jit
+def _fwd_kernel(x_ptr, pos_ptr, lvl_ptr, meta_ptr, out_ptr,
+                B, n, C, start, b_per_prog,
+                sxb, sxt, sxc, spt, spc, sls, slc,
+                pos_weight, sincos_weight, sincos_coef,
+                HAS_POS: tl.constexpr, HAS_SINCOS: tl.constexpr,
+                BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    pid_t = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    pid_b = tl.program_id(2)
+    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    t_ok = t < n
+    c_ok = c < C
+    mask = t_ok[:, None] & c_ok[None, :]
+    g = start + t
+    level = tl.load(meta_ptr + g * 3, mask=t_ok, other=0)
+    emb = tl.load(lvl_ptr + level[:, None] * sls + c[None, :] * slc, mask=mask, other=0.0).to(tl.float32)
+    if HAS_POS:
+        p = tl.load(pos_ptr + g[:, None] * spt + c[None, :] * spc, mask=mask, other=0.0).to(tl.float32)
+        emb += pos_weight * p
+    if HAS_SINCOS:
+        row = tl.load(meta_ptr + g * 3 + 1, mask=t_ok, other=0).to(tl.float32)
+        col = tl.load(meta_ptr + g * 3 + 2, mask=t_ok, other=0).to(tl.float32)
+        half = C // 2
+        is_row = c < half
+        k = tl.where(is_row, c, c - half)
+        w = tl.exp((k // 2).to(tl.float32) * 2.0 * sincos_coef)
+        angle = tl.where(is_row[None, :], row[:, None], col[:, None]) * w[None, :]
+        pe = tl.where((k % 2 == 0)[None, :], tl.sin(angle), tl.cos(angle))
+        emb += sincos_weight * pe
+
+    out_off = t[:, None] * C + c[None, :]
+    x_off = t[:, None] * sxt + c[None, :] * sxc
+    b0 = pid_b * b_per_prog
+    for i in range(0, b_per_prog):
+        b = (b0 + i).to(tl.int64)
+        m = mask & (b < B)
+        xv = tl.load(x_ptr + b * sxb + x_off, mask=m, other=0.0).to(tl.float32)
+        tl.store(out_ptr + b * n * C + out_off, (xv + emb).to(out_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _bwd_rows_kernel(g_ptr, dpos_ptr, partial_ptr, chunks_ptr,
+                     B, C, sgb, sgt, sgc, sdp, pos_weight,
+                     HAS_DPOS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr):
+    chunk = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    r0 = tl.load(chunks_ptr + chunk * 3)
+    r1 = tl.load(chunks_ptr + chunk * 3 + 1)
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c < C
+    bb = tl.arange(0, BLOCK_B)
+    chunk_sum = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for r in range(r0, r1):
+        acc = tl.zeros([BLOCK_B, BLOCK_C], dtype=tl.float32)
+        for b0 in range(0, B, BLOCK_B):
+            b = (b0 + bb).to(tl.int64)
+            m = (b < B)[:, None] & c_ok[None, :]
+            acc += tl.load(g_ptr + b[:, None] * sgb + r * sgt + c[None, :] * sgc, mask=m, other=0.0).to(tl.float32)
+        row = tl.sum(acc, axis=0)
+        if HAS_DPOS:
+            tl.store(dpos_ptr + r * sdp + c, (pos_weight * row).to(dpos_ptr.dtype.element_ty), mask=c_ok)
+        chunk_sum += row
+    tl.store(partial_ptr + chunk * C + c, chunk_sum, mask=c_ok)
+
+
+@triton.jit
+def _bwd_levels_kernel(partial_ptr, offsets_ptr, dlvl_ptr, C, sdl, BLOCK_C: tl.constexpr):
+    s = tl.program_id(0)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c < C
+    k0 = tl.load(offsets_ptr + s)
+    k1 = tl.load(offsets_ptr + s + 1)
+    acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for k in range(k0, k1):
+        acc += tl.load(partial_ptr + k * C + c, mask=c_ok, other=0.0)
+    tl.store(dlvl_ptr + s * sdl + c, acc.to(dlvl_ptr.dtype.element_ty), mask=c_ok)
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1  # interpreter: one "SM", keep the grid small
+
+
+def pyramid_pos_level_add_fwd(x, pos, lvl, token_meta, out, *, start: int, pos_weight: float,
+                              sincos_weight: float) -> None:
+    """Writes ``out`` (contiguous (B, n, C)). ``pos`` is (L, C) or None."""
+    B, n, C = x.shape
+    if B == 0 or n == 0:
+        return
+    BLOCK_C = min(triton.next_power_of_2(C), 256)
+    BLOCK_T = max(1, min(2048 // BLOCK_C, triton.next_power_of_2(n)))
+    tiles = triton.cdiv(n, BLOCK_T) * triton.cdiv(C, BLOCK_C)
+    # Split the batch until the grid fills the device; each program reuses its
+    # embedding tile across its batch slice.
+    splits = max(1, min(B, (8 * _num_sms(x.device)) // max(tiles, 1)))
+    b_per_prog = triton.cdiv(B, splits)
+    grid = (triton.cdiv(n, BLOCK_T), triton.cdiv(C, BLOCK_C), triton.cdiv(B, b_per_prog))
+    has_pos = pos is not None
+    _fwd_kernel[grid](
+        x, pos if has_pos else lvl, lvl, token_meta, out,
+        B, n, C, start, b_per_prog,
+        x.stride(0), x.stride(1), x.stride(2),
+        pos.stride(0) if has_pos else 0, pos.stride(1) if has_pos else 0,
+        lvl.stride(0), lvl.stride(1),
+        float(pos_weight), float(sincos_weight), -_LN_10000 / max(C // 2, 1),
+        HAS_POS=has_pos, HAS_SINCOS=sincos_weight != 0.0,
+        BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C,
+    )
+
+
+def pyramid_pos_level_add_bwd(grad, dpos_window, dlvl, chunks, level_chunk_offsets, partial, *,
+                              pos_weight: float) -> None:
+    """Writes ``dpos_window`` (n, C) rows (when not None), every row of ``dlvl`` and ``partial``."""
+    B, n, C = grad.shape
+    num_chunks = chunks.shape[0]
+    BLOCK_C = min(triton.next_power_of_2(C), 128)
+    BLOCK_B = max(1, min(triton.next_power_of_2(max(B, 1)), 4096 // BLOCK_C))
+    has_dpos = dpos_window is not None
+    if num_chunks > 0:
+        _bwd_rows_kernel[(num_chunks, triton.cdiv(C, BLOCK_C))](
+            grad, dpos_window if has_dpos else partial, partial, chunks,
+            B, C, grad.stride(0), grad.stride(1), grad.stride(2),
+            dpos_window.stride(0) if has_dpos else 0, float(pos_weight),
+            HAS_DPOS=has_dpos, BLOCK_B=BLOCK_B, BLOCK_C=BLOCK_C,
+        )
+    LEVEL_BLOCK_C = min(triton.next_power_of_2(C), 1024)
+    _bwd_levels_kernel[(dlvl.shape[0], triton.cdiv(C, LEVEL_BLOCK_C))](
+        partial, level_chunk_offsets, dlvl, C, dlvl.stride(0), BLOCK_C=LEVEL_BLOCK_C,
+    )
