@@ -13,7 +13,6 @@ reason: there is no silent fallback.
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib.util
 import os
 import threading
@@ -47,15 +46,21 @@ def register_auto_order(op: str, order: Sequence[str]) -> None:
     _AUTO_ORDER[op] = tuple(order)
 
 
-@functools.lru_cache(maxsize=None)
+_TRITON_ERROR: list = []  # memo (a plain list, which torch.compile traces without warnings)
+
+
 def _triton_import_error() -> Optional[str]:
-    if importlib.util.find_spec("triton") is None:
-        return "triton is not installed (pip install triton)"
-    try:
-        import triton  # noqa: F401
-    except Exception as exc:  # a broken install must not break the package
-        return f"triton failed to import: {exc}"
-    return None
+    if not _TRITON_ERROR:
+        err = None
+        if importlib.util.find_spec("triton") is None:
+            err = "triton is not installed (pip install triton)"
+        else:
+            try:
+                import triton  # noqa: F401
+            except Exception as exc:  # a broken install must not break the package
+                err = f"triton failed to import: {exc}"
+        _TRITON_ERROR.append(err)
+    return _TRITON_ERROR[0]
 
 
 def _interpreting() -> bool:

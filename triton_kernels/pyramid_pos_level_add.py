@@ -57,14 +57,14 @@ def _fwd_kernel(x_ptr, pos_ptr, lvl_ptr, meta_ptr, out_ptr,
         pe = tl.where((k % 2 == 0)[None, :], tl.sin(angle), tl.cos(angle))
         emb += sincos_weight * pe
 
-    out_off = t[:, None] * C + c[None, :]
-    x_off = t[:, None] * sxt + c[None, :] * sxc
-    b0 = pid_b * b_per_prog
-    for i in range(0, b_per_prog):
-        b = (b0 + i).to(tl.int64)
-        m = mask & (b < B)
-        xv = tl.load(x_ptr + b * sxb + x_off, mask=m, other=0.0).to(tl.float32)
-        tl.store(out_ptr + b * n * C + out_off, (xv + emb).to(out_ptr.dtype.element_ty), mask=m)
+    b0 = (pid_b * b_per_prog).to(tl.int64)  # int64: B * n * C may exceed 2^31
+    x_ptrs = x_ptr + b0 * sxb + t[:, None] * sxt + c[None, :] * sxc
+    out_ptrs = out_ptr + b0 * n * C + t[:, None] * C + c[None, :]
+    for _ in range(b0, tl.minimum(b0 + b_per_prog, B)):
+        xv = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptrs, (xv + emb).to(out_ptr.dtype.element_ty), mask=mask)
+        x_ptrs += sxb
+        out_ptrs += n * C
 
 
 @triton.jit
@@ -79,12 +79,12 @@ def _bwd_rows_kernel(g_ptr, dpos_ptr, partial_ptr, chunks_ptr,
     c_ok = c < C
     bb = tl.arange(0, BLOCK_B)
     chunk_sum = tl.zeros([BLOCK_C], dtype=tl.float32)
+    g_rows = g_ptr + bb.to(tl.int64)[:, None] * sgb + c[None, :] * sgc
     for r in range(r0, r1):
         acc = tl.zeros([BLOCK_B, BLOCK_C], dtype=tl.float32)
         for b0 in range(0, B, BLOCK_B):
-            b = (b0 + bb).to(tl.int64)
-            m = (b < B)[:, None] & c_ok[None, :]
-            acc += tl.load(g_ptr + b[:, None] * sgb + r * sgt + c[None, :] * sgc, mask=m, other=0.0).to(tl.float32)
+            m = ((b0 + bb) < B)[:, None] & c_ok[None, :]
+            acc += tl.load(g_rows + b0 * sgb + r * sgt, mask=m, other=0.0).to(tl.float32)
         row = tl.sum(acc, axis=0)
         if HAS_DPOS:
             tl.store(dpos_ptr + r * sdp + c, (pos_weight * row).to(dpos_ptr.dtype.element_ty), mask=c_ok)
