@@ -176,9 +176,9 @@ def _compare(backend, x, pos, lvl, pn, *, start, atol, rtol, pos_weight=1.0, sin
 @needs_fast
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype,atol,rtol", DTYPE_TOLERANCES)
-@pytest.mark.parametrize("B,C", [(1, 40), (3, 24)])
+@pytest.mark.parametrize("B,C", [(1, 40), (3, 24), (2, 37)])
 def test_fast_backend_full_var_pyramid(backend, dtype, atol, rtol, B, C):
-    """L = 680, C not a power of two, batch 1 and 3; x, pos and lvl in the same dtype."""
+    """L = 680, C not a power of two (and odd), batch 1 and 3; x, pos and lvl in the same dtype."""
     x = _rand(B, 680, C, dtype=dtype, grad=True)
     pos = _rand(1, 680, C, dtype=dtype, grad=True)
     lvl = _rand(len(VAR_PN), C, dtype=dtype, grad=True)
