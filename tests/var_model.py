@@ -9,6 +9,11 @@ SPEC §2.1-2.2 with the same attribute names, shapes and call conventions as the
 path VAR takes without flash-attn / xformers: (B, H, L, D) tensors and
 ``scaled_dot_product_attention`` with the block-causal additive mask.
 
+``infinity_rope_cache`` / ``infinity_style_attention`` are the eager attention of the
+text-conditional descendants (Infinity: l2 norm, per-head scale, then an interleaved
+axial 2D rotation from a precomputed fp32 cos/sin table), the baseline of the fused
+module with RoPE.
+
 The VQ-VAE is a stand-in: a codebook, VAR's residual pyramid update (upsample the
 sampled codes to the final grid, accumulate, resample for the next scale) and a
 1x1-conv "decoder". It has no parameters that the tests compare.
@@ -293,3 +298,38 @@ def build_var_shaped(*, depth: int = 2, embed_dim: int = 96, num_heads: int = 3,
                 h = num_heads
                 b.attn.scale_mul_1H11.copy_(torch.linspace(0.5, 5.0, h).view(1, h, 1, 1))
     return model.to(device)
+
+
+def infinity_rope_cache(head_dim: int, patch_nums: Sequence[int], base: float = 10000.0):
+    """fp32 (cos, sin), each (L, D/2): pairs [0, D/4) rotate with the row, [D/4, D/2)
+    with the column; coordinates of coarse scales are mapped onto the finest grid
+    with ``round(r * fp32(final / pn))`` (Infinity's shipped mode)."""
+    half = head_dim // 2
+    inv_freq = 1.0 / (base ** (torch.arange(0, half, 2).float() / half))  # D/4 values, base^(-4j/D)
+    final = patch_nums[-1]
+    coords = []
+    for pn in patch_nums:
+        r = torch.round(torch.arange(pn).float() * torch.tensor(final / pn, dtype=torch.float32))
+        coords.append(torch.stack(torch.meshgrid(r, r, indexing="ij"), dim=-1).reshape(-1, 2))
+    coords = torch.cat(coords)
+    angles = torch.cat([coords[:, :1] * inv_freq, coords[:, 1:] * inv_freq], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def infinity_style_attention(attn: nn.Module, x: torch.Tensor, attn_bias: Optional[torch.Tensor],
+                             cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Eager cosine attention with 2D RoPE using the parameters of ``attn`` (VAR names)."""
+    B, n, C = x.shape
+    H, D = attn.num_heads, attn.head_dim
+    qkv = F.linear(x, attn.mat_qkv.weight, torch.cat((attn.q_bias, attn.zero_k_bias, attn.v_bias)))
+    q, k, v = qkv.view(B, n, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)
+    q = F.normalize(q, dim=-1) * attn.scale_mul_1H11.clamp_max(attn.max_scale_mul).exp()
+    k = F.normalize(k, dim=-1)
+    with torch.autocast(x.device.type, enabled=False):
+        def rotate(t):
+            t0, t1 = t.float()[..., 0::2], t.float()[..., 1::2]
+            return torch.stack([t0 * cos - t1 * sin, t0 * sin + t1 * cos], dim=-1).flatten(-2)
+
+        q, k = rotate(q), rotate(k)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, scale=attn.scale)
+    return attn.proj_drop(attn.proj(out.transpose(1, 2).reshape(B, n, C)))

@@ -1,0 +1,192 @@
+"""posenc_fast.nn.FusedSelfAttention: VAR checkpoints load and give VAR's outputs,
+2D RoPE matches an Infinity-style eager attention, the KV cache equals the
+block-causal mask, and the rotation tables stay fp32."""
+
+import math
+
+import pytest
+import torch
+
+from conftest import DEVICE, fast_backends
+from posenc_fast.nn.attention import FusedSelfAttention, block_causal_bias
+from var_model import SelfAttention, build_var_shaped, infinity_rope_cache, infinity_style_attention
+
+BACKENDS = ["reference"] + fast_backends()  # the backend tests run on DEVICE: CUDA when there is one
+PATCH_NUMS = (1, 2, 3)
+L = sum(p * p for p in PATCH_NUMS)
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
+
+
+def randomize_(module, seed=0, scale_mul=None):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[-1]))
+        if scale_mul is not None:
+            module.scale_mul_1H11.copy_(torch.tensor(scale_mul).view(1, -1, 1, 1))
+    return module
+
+
+def grads(module, x, out, weight):
+    (out * weight).sum().backward()
+    g = {n: p.grad.clone() for n, p in module.named_parameters()}
+    g["x"] = x.grad.clone()
+    return g
+
+
+@pytest.mark.parametrize("l2", [True, False])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_loads_var_attention_checkpoint_and_matches(backend, l2):
+    C, H = 96, 3
+    var_attn = randomize_(SelfAttention(0, C, H, attn_l2_norm=l2), scale_mul=[0.2, 2.0, 5.5] if l2 else None)
+    var_attn.to(DEVICE)
+    fused = FusedSelfAttention(C, H, attn_l2_norm=l2, backend=backend).to(DEVICE)
+    assert list(fused.state_dict()) == list(var_attn.state_dict())
+    fused.load_state_dict(var_attn.state_dict())
+    assert fused.scale == var_attn.scale
+    mask = block_causal_bias(PATCH_NUMS, device=DEVICE)
+    x = torch.randn(3, L, C, device=DEVICE)
+    w = torch.randn(3, L, C, device=DEVICE)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    want = var_attn(x1, mask)
+    got = fused(x2, mask)
+    assert rel_err(got, want) <= 1e-5
+    g_want, g_got = grads(var_attn, x1, want, w), grads(fused, x2, got, w)
+    for name in g_want:
+        assert rel_err(g_got[name], g_want[name]) <= 1e-4, name
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rope_matches_infinity_style_eager(backend):
+    C, H = 128, 2  # D = 64
+    patch_nums = (1, 2, 3, 5)
+    n = sum(p * p for p in patch_nums)
+    m = randomize_(FusedSelfAttention(C, H, rope=True, rope_scales=patch_nums, backend=backend),
+                   seed=3, scale_mul=[1.0, 4.9]).to(DEVICE)
+    cos, sin = (t.to(DEVICE) for t in infinity_rope_cache(C // H, patch_nums))
+    mask = block_causal_bias(patch_nums, device=DEVICE)
+    x = torch.randn(2, n, C, device=DEVICE)
+    w = torch.randn(2, n, C, device=DEVICE)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    want = infinity_style_attention(m, x1, mask, cos, sin)
+    g_want = grads(m, x1, want, w)
+    m.zero_grad()
+    got = m(x2, mask)
+    g_got = grads(m, x2, got, w)
+    assert rel_err(got, want) <= 1e-5
+    for name in g_want:
+        assert rel_err(g_got[name], g_want[name]) <= 1e-4, name
+    # Without the rotation the result is different: the test sees the RoPE.
+    plain = FusedSelfAttention(C, H).to(DEVICE)
+    plain.load_state_dict(m.state_dict())
+    assert rel_err(plain(x, mask), want) > 1e-3
+
+
+@pytest.mark.parametrize("rope", [False, True])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kv_cache_equals_block_causal_mask(backend, rope):
+    C, H = 96, 3  # D = 32
+    m = randomize_(FusedSelfAttention(C, H, rope=rope, rope_scales=PATCH_NUMS if rope else None, backend=backend),
+                   seed=1, scale_mul=[0.5, 3.0, 5.0]).to(DEVICE).eval()
+    x = torch.randn(4, L, C, device=DEVICE)  # a CFG-doubled batch is just a batch here
+    full = m(x, block_causal_bias(PATCH_NUMS, device=DEVICE))
+    m.kv_caching(True)
+    parts, begin = [], 0
+    with torch.no_grad():
+        for pn in PATCH_NUMS:
+            parts.append(m(x[:, begin:begin + pn * pn]))
+            begin += pn * pn
+            assert m.cached_k.shape == (4, H, begin, C // H) and m.cached_v.shape == m.cached_k.shape
+    assert rel_err(torch.cat(parts, dim=1), full) <= 1e-5
+    m.kv_caching(False)
+    assert m.cached_k is None and m.cached_v is None and not m.caching
+
+
+def test_explicit_coords_override_the_table():
+    m = randomize_(FusedSelfAttention(64, 2, rope=True, rope_scales=PATCH_NUMS), seed=2)
+    x = torch.randn(2, L, 64)
+    mask = block_causal_bias(PATCH_NUMS)
+    assert torch.equal(m(x, mask, coords=m.rope_coords.clone()), m(x, mask))
+    free = FusedSelfAttention(64, 2, rope=True)
+    free.load_state_dict(m.state_dict())
+    assert rel_err(free(x, mask, coords=m.rope_coords), m(x, mask)) <= 1e-6
+    assert rel_err(free(x, mask, coords=m.rope_coords * 2), m(x, mask)) > 1e-3
+
+
+def test_block_causal_bias_is_vars_mask():
+    model = build_var_shaped(patch_nums=(1, 2, 3, 4))
+    assert torch.equal(block_causal_bias((1, 2, 3, 4)), model.attn_bias_for_masking)
+    bias = block_causal_bias([(1, 2), (2, 3)], dtype=torch.bfloat16)
+    assert bias.shape == (1, 1, 8, 8) and bias.dtype == torch.bfloat16
+    assert (bias[0, 0, :2, 2:] == -math.inf).all() and (bias[0, 0, 2:] == 0).all() and (bias[0, 0, :2, :2] == 0).all()
+
+
+def test_rope_tables_stay_fp32_when_the_module_is_cast():
+    m = FusedSelfAttention(128, 2, rope=True, rope_scales=(1, 2, 3, 13)).to(torch.bfloat16)
+    assert m.mat_qkv.weight.dtype == torch.bfloat16
+    assert m.rope_freqs.dtype == torch.float32 and m.rope_coords.dtype == torch.float32
+    fresh = FusedSelfAttention(128, 2, rope=True, rope_scales=(1, 2, 3, 13))
+    assert torch.equal(m.rope_freqs, fresh.rope_freqs) and torch.equal(m.rope_coords, fresh.rope_coords)
+    assert "rope_freqs" not in m.state_dict() and "rope_coords" not in m.state_dict()
+
+
+def test_argument_errors():
+    with pytest.raises(ValueError, match="multiple of num_heads"):
+        FusedSelfAttention(100, 3)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        FusedSelfAttention(36, 6, rope=True)  # D = 6
+    with pytest.raises(ValueError, match="rope=False"):
+        FusedSelfAttention(64, 2, rope_scales=PATCH_NUMS)
+    with pytest.raises(ValueError, match="pairing"):
+        FusedSelfAttention(64, 2, pairing="neox")
+    with pytest.raises(ValueError, match="scale"):
+        FusedSelfAttention(64, 2, scale=0.1)
+    x = torch.randn(1, L, 64)
+    with pytest.raises(ValueError, match="pass coords"):
+        FusedSelfAttention(64, 2, rope=True)(x)
+    with pytest.raises(ValueError, match="rope=False"):
+        FusedSelfAttention(64, 2)(x, coords=torch.zeros(L, 2))
+    m = FusedSelfAttention(64, 2, rope=True, rope_scales=PATCH_NUMS)
+    with pytest.raises(ValueError, match="exceed"):
+        m(torch.randn(1, L + 1, 64))
+
+
+def test_scale_without_l2_norm():
+    m = FusedSelfAttention(64, 4, attn_l2_norm=False)
+    assert m.scale == 0.25 / math.sqrt(16) and not hasattr(m, "scale_mul_1H11")
+    assert FusedSelfAttention(64, 4, attn_l2_norm=False, scale=0.25).scale == 0.25
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rope", [False, True])
+def test_autocast_on_gpu_is_as_accurate_as_eager(rope):
+    """bf16 against fp32: the fused module's error is of the size of the eager VAR /
+    Infinity attention's own error under the same autocast."""
+    C, H = 256, 4
+    patch_nums = (1, 2, 3, 4, 5, 6, 8)
+    n = sum(p * p for p in patch_nums)
+    m = randomize_(FusedSelfAttention(C, H, rope=rope, rope_scales=patch_nums if rope else None), seed=4,
+                   scale_mul=[0.5, 1.5, 3.0, 5.0]).cuda()
+    if rope:
+        cos, sin = (t.cuda() for t in infinity_rope_cache(C // H, patch_nums))
+        eager = lambda x, mask: infinity_style_attention(m, x, mask, cos, sin)  # noqa: E731
+    else:
+        var_attn = SelfAttention(0, C, H, attn_l2_norm=True).cuda()
+        var_attn.load_state_dict(m.state_dict())
+        eager = var_attn
+    mask = block_causal_bias(patch_nums, device="cuda")
+    x = torch.randn(8, n, C, device="cuda")
+    want = m(x, mask)
+    assert rel_err(eager(x, mask), want) <= 1e-4  # fp32: the same function
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        got = m(x, mask.to(torch.bfloat16))
+        base = eager(x, mask.to(torch.bfloat16))
+    assert got.dtype == torch.bfloat16
+
+    def err(a):
+        return ((a.double() - want.double()).norm() / want.double().norm()).item()
+
+    assert err(got) <= 1.5 * err(base) + 1e-3
