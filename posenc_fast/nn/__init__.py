@@ -1,3 +1,4 @@
 """nn.Modules built on the fused ops."""
 
 from .pyramid import PyramidPosLevelEmbedding  # noqa: F401
+from .attention import FusedSelfAttention, block_causal_bias  # noqa: F401
