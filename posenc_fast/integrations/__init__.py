@@ -1,1 +1,3 @@
 """Integrations with public model code (VAR)."""
+
+from . import var  # noqa: F401
