@@ -10,6 +10,9 @@ from .ops.pyramid import pyramid_pos_level_add  # noqa: E402
 from .nn.pyramid import PyramidPosLevelEmbedding  # noqa: E402
 
 # -- 2D rotary family (Infinity, STAR, HART, ViTs) --
+from .ops.rope import (apply_rope, apply_rope_, axial_rope_freqs, mrope_freqs, pyramid_coords,  # noqa: E402
+                       rope_1d_freqs, rope_mixed_freqs)
+from .nn.rope import PyramidRoPE  # noqa: E402
 
 # -- fused attention input projection --
 

@@ -201,9 +201,10 @@ def rope_angles(coords: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
 
     coords (L, A) or (B, L, A); freqs (A, P) or per head (H, A, P). Returns a tensor
     that broadcasts against (B, H, L, P): (1, 1, L, P), (B, 1, L, P), (1, H, L, P)
-    or (B, H, L, P)."""
-    c = coords.float()
-    f = freqs.float()
+    or (B, H, L, P). (float64 inputs give float64 angles, for gradcheck.)"""
+    dtype = torch.promote_types(torch.promote_types(coords.dtype, freqs.dtype), torch.float32)
+    c = coords.to(dtype)
+    f = freqs.to(dtype)
     if c.dim() == 2:
         c = c[None]
     c = c[:, None, :, :, None]  # (B|1, 1, L, A, 1)
@@ -213,10 +214,10 @@ def rope_angles(coords: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pairing: str = "interleaved") -> torch.Tensor:
     """Rotates the pairs of the last dim of ``x`` (..., D) by angles whose cos / sin
-    broadcast against (..., D/2); the result has x's dtype, math in fp32."""
+    broadcast against (..., D/2); the result has x's dtype, math in fp32 (or wider)."""
     if pairing not in PAIRINGS:
         raise ValueError(f"pairing must be one of {PAIRINGS}, got {pairing!r}")
-    xf = x.float()
+    xf = x.to(torch.promote_types(torch.promote_types(x.dtype, cos.dtype), torch.float32))
     if pairing == "interleaved":
         x0, x1 = xf[..., 0::2], xf[..., 1::2]
     else:

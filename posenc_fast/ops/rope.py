@@ -1,0 +1,326 @@
+"""``apply_rope`` / ``apply_rope_``: rotary position embedding of q and k in one fused op.
+
+Public function -> argument checks -> backend choice -> either the reference (plain
+autograd) or the custom ops ``posenc_fast::apply_rope`` (out of place, autograd via
+``posenc_fast::apply_rope_backward``) and ``posenc_fast::apply_rope_`` (in place,
+autograd through ``_InplaceRope``), whose implementations launch the Triton or CUDA
+kernels. Launches go to the current stream without host syncs, so torch.compile
+traces the ops without graph breaks and CUDA graphs capture them.
+
+Outputs of the out-of-place op are dense tensors with the memory layout (stride
+order) of the inputs, e.g. a (B, H, L, D) view of a (B, L, H, D) buffer gives a
+(B, H, L, D) view of a fresh (B, L, H, D) buffer, which is what flash attention
+wants.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from .. import _backends, _checks
+from .. import _cuda
+from ..reference import rope as ref
+from ..reference.rope import (PAIRINGS, axial_rope_freqs, mrope_freqs, pyramid_coords,  # noqa: F401
+                              rope_1d_freqs, rope_mixed_freqs)
+
+OP = "apply_rope"
+# Fused kernels keep one head's pairs of a token block in registers.
+MAX_FUSED_HEAD_DIM = 512
+MAX_CUDA_AXES = 4
+
+
+def _dense_like(t: torch.Tensor) -> torch.Tensor:
+    """Uninitialised (poisoned in tests) dense tensor shaped like ``t`` whose strides
+    follow ``t``'s stride order (ties keep the logical order)."""
+    order = sorted(range(t.dim()), key=lambda d: -t.stride(d))
+    buf = _checks.empty([t.shape[d] for d in order], dtype=t.dtype, device=t.device)
+    inverse = [0] * t.dim()
+    for i, d in enumerate(order):
+        inverse[d] = i
+    return buf.permute(inverse)
+
+
+def _fake_dense_like(t: torch.Tensor) -> torch.Tensor:
+    order = sorted(range(t.dim()), key=lambda d: -t.stride(d))
+    inverse = [0] * t.dim()
+    for i, d in enumerate(order):
+        inverse[d] = i
+    return t.new_empty([t.shape[d] for d in order]).permute(inverse)
+
+
+def _coords3(coords: torch.Tensor) -> torch.Tensor:
+    return coords[None] if coords.dim() == 2 else coords
+
+
+def _launch(q, k, q_out, k_out, coords, freqs, interleaved, conjugate, backend,
+            q_saved=None, k_saved=None, dfreqs=None):
+    """Runs the rotation kernel; with ``dfreqs`` (fp32, shaped like freqs) also the
+    deterministic d freqs reduction into it, from the saved forward outputs."""
+    c3 = _coords3(coords)
+    B, Hq, L, D = q.shape
+    Hk = 0 if k is None else k.shape[1]
+    per_head = freqs.dim() == 3
+    A = freqs.shape[-2]
+    if backend == "triton":
+        from ..triton_kernels import rope as tk
+
+        partial = None
+        if dfreqs is not None:
+            rows = tk.partial_rows(B, L, D // 2, Hq, Hk, per_head, q.device)
+            partial = _checks.empty((rows, A, D // 2), dtype=torch.float32, device=q.device)
+        tk.apply_rope(q, k, q_out, k_out, c3, freqs, interleaved=interleaved, conjugate=conjugate,
+                      q_saved=q_saved, k_saved=k_saved, partial=partial)
+        if dfreqs is not None:
+            # Stage two of the reduction: a fixed-order sum over the partials.
+            if per_head:
+                torch.sum(partial.view(-1, Hq, A, D // 2), dim=0, out=dfreqs)
+            else:
+                torch.sum(partial, dim=0, out=dfreqs.view(A, D // 2))
+    elif backend == "cuda":
+        lib = _cuda.lib()
+        kk, ko = (k, k_out) if k is not None else (q, q_out)
+        qy = q_saved if dfreqs is not None else q
+        ky = (k_saved if k is not None else q_saved) if dfreqs is not None else kk
+        workspace = None
+        if dfreqs is not None:
+            n = lib.rope_workspace_floats(B, Hq, Hk, L, D, A, per_head)
+            workspace = _checks.empty((n,), dtype=torch.float32, device=q.device)
+        fstr = list(freqs.stride()) if per_head else [0] + list(freqs.stride())
+        lib.rope_apply(
+            _cuda.ptr(q), list(q.stride()), _cuda.ptr(kk), list(kk.stride()),
+            _cuda.ptr(q_out), list(q_out.stride()), _cuda.ptr(ko), list(ko.stride()),
+            _cuda.ptr(qy), list(qy.stride()), _cuda.ptr(ky), list(ky.stride()), _cuda.dtype_code(q),
+            _cuda.ptr(c3), [c3.stride(0) if c3.shape[0] > 1 else 0, c3.stride(1), c3.stride(2)],
+            _cuda.ptr(freqs), fstr, B, Hq, Hk, L, D, A, per_head, interleaved, conjugate,
+            _cuda.ptr(workspace), _cuda.ptr(dfreqs), q.device.index, _cuda.stream(q.device))
+    else:
+        raise ValueError(f"posenc_fast::{OP} has no kernel for backend {backend!r}")
+
+
+# ---------------------------------------------------------------- out of place
+
+@torch.library.custom_op("posenc_fast::apply_rope", mutates_args=())
+def _rope_op(q: torch.Tensor, k: Optional[torch.Tensor], coords: torch.Tensor, freqs: torch.Tensor,
+             interleaved: bool, conjugate: bool, backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    q_out = _dense_like(q)
+    k_out = _dense_like(k) if k is not None else q.new_empty((0,))
+    _launch(q, k, q_out, k_out if k is not None else None, coords, freqs, interleaved, conjugate, backend)
+    return q_out, k_out
+
+
+@_rope_op.register_fake
+def _(q, k, coords, freqs, interleaved, conjugate, backend):
+    return _fake_dense_like(q), (_fake_dense_like(k) if k is not None else q.new_empty((0,)))
+
+
+@torch.library.custom_op("posenc_fast::apply_rope_backward", mutates_args=())
+def _rope_bwd_op(grad_q: torch.Tensor, grad_k: Optional[torch.Tensor], q_out: torch.Tensor,
+                 k_out: Optional[torch.Tensor], coords: torch.Tensor, freqs: torch.Tensor, interleaved: bool,
+                 conjugate: bool, backend: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of a rotation whose outputs were (q_out, k_out): the conjugate
+    rotation of the output gradients, and d freqs (fp32, shaped like freqs)."""
+    dq = _dense_like(grad_q)
+    dk = _dense_like(grad_k) if grad_k is not None else grad_q.new_empty((0,))
+    dfreqs = _checks.empty(freqs.shape, dtype=torch.float32, device=freqs.device)
+    _launch(grad_q, grad_k, dq, dk if grad_k is not None else None, coords, freqs, interleaved,
+            not conjugate, backend, q_saved=q_out, k_saved=k_out, dfreqs=dfreqs)
+    if conjugate:  # d/dtheta of R(-theta) is minus that of R(theta)
+        dfreqs.neg_()
+    return dq, dk, dfreqs
+
+
+@_rope_bwd_op.register_fake
+def _(grad_q, grad_k, q_out, k_out, coords, freqs, interleaved, conjugate, backend):
+    dk = _fake_dense_like(grad_k) if grad_k is not None else grad_q.new_empty((0,))
+    return _fake_dense_like(grad_q), dk, freqs.new_empty(freqs.shape, dtype=torch.float32)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, coords, freqs, interleaved, conjugate, backend = inputs
+    ctx.has_k = k is not None
+    ctx.args = (interleaved, conjugate, backend)
+    ctx.need_dfreqs = ctx.needs_input_grad[3]
+    if ctx.need_dfreqs:
+        # The outputs, not the inputs: attention keeps them alive anyway.
+        ctx.save_for_backward(coords, freqs, output[0], output[1] if ctx.has_k else None)
+    else:
+        ctx.save_for_backward(coords, freqs)
+
+
+def _backward(ctx, grad_q, grad_k):
+    interleaved, conjugate, backend = ctx.args
+    gk = grad_k if ctx.has_k else None
+    if ctx.need_dfreqs:
+        coords, freqs, q_out, k_out = ctx.saved_tensors
+        dq, dk, dfreqs = _rope_bwd_op(grad_q, gk, q_out, k_out, coords, freqs, interleaved, conjugate, backend)
+    else:
+        coords, freqs = ctx.saved_tensors
+        dq, dk = _rope_op(grad_q, gk, coords, freqs, interleaved, not conjugate, backend)
+        dfreqs = None
+    return dq, (dk if ctx.has_k else None), None, dfreqs, None, None, None
+
+
+_rope_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# -------------------------------------------------------------------- in place
+
+@torch.library.custom_op("posenc_fast::apply_rope_", mutates_args=("q", "k"))
+def _rope_inplace_op(q: torch.Tensor, k: Optional[torch.Tensor], coords: torch.Tensor, freqs: torch.Tensor,
+                     interleaved: bool, conjugate: bool, backend: str) -> None:
+    _launch(q, k, q, k, coords, freqs, interleaved, conjugate, backend)
+
+
+@_rope_inplace_op.register_fake
+def _(q, k, coords, freqs, interleaved, conjugate, backend):
+    return None
+
+
+class _InplaceRope(torch.autograd.Function):
+    """Autograd for the in-place op on one tensor, frequencies frozen (mutable custom
+    ops cannot register autograd, and autograd refuses a Function that modifies a
+    view in place and returns two tensors, so q and k go through one Function each).
+    The backward needs only coords and freqs, so later in-place writes to the same
+    buffer (k after q in a packed qkv tensor) stay legal."""
+
+    @staticmethod
+    def forward(ctx, x, coords, freqs, interleaved, backend):
+        _rope_inplace_op(x, None, coords, freqs, interleaved, False, backend)
+        ctx.mark_dirty(x)
+        ctx.args = (interleaved, backend)
+        ctx.save_for_backward(coords, freqs)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        interleaved, backend = ctx.args
+        coords, freqs = ctx.saved_tensors
+        dx, _ = _rope_op(grad, None, coords, freqs, interleaved, True, backend)
+        return dx, None, None, None, None
+
+
+# ---------------------------------------------------------------- public API
+
+def _validate(q, k, coords, freqs, pairing, backend_name=None):
+    _checks.check_tensor("q", q, ndim=4)
+    _checks.check_tensor("k", k, ndim=4, allow_none=True)
+    if not isinstance(coords, torch.Tensor):
+        raise TypeError(f"coords must be a torch.Tensor, got {type(coords).__name__}")
+    if not coords.is_floating_point():
+        raise TypeError(f"coords must be a floating-point tensor (positions may be fractional), "
+                        f"got dtype {str(coords.dtype).replace('torch.', '')}")
+    _checks.check_tensor("coords", coords, ndim=(2, 3), dtypes=None)
+    if not isinstance(freqs, torch.Tensor):
+        raise TypeError(f"freqs must be a torch.Tensor, got {type(freqs).__name__}")
+    if not freqs.is_floating_point():
+        raise TypeError(f"freqs must be a floating-point tensor, got dtype {str(freqs.dtype).replace('torch.', '')}")
+    _checks.check_tensor("freqs", freqs, ndim=(2, 3), dtypes=None)
+    if pairing not in PAIRINGS:
+        raise ValueError(f"pairing must be one of {PAIRINGS}, got {pairing!r}")
+    device = _checks.check_same_device(q=q, k=k, coords=coords, freqs=freqs)
+    B, Hq, L, D = q.shape
+    if D % 2:
+        raise ValueError(f"the head dim (last dim of q) must be even to form rotation pairs, got {D}")
+    if k is not None:
+        if k.dtype != q.dtype:
+            raise TypeError(f"k must have q's dtype {q.dtype}, got {k.dtype}")
+        if k.shape[0] != B or k.shape[2] != L or k.shape[3] != D:
+            raise ValueError(f"k must be (B={B}, Hk, L={L}, D={D}) like q, got shape {tuple(k.shape)}")
+    A = coords.shape[-1]
+    if coords.shape[-2] != L:
+        raise ValueError(f"coords has {coords.shape[-2]} positions but q has L = {L} tokens")
+    if coords.dim() == 3 and coords.shape[0] != B:
+        raise ValueError(f"per-batch coords must be (B={B}, L, A), got shape {tuple(coords.shape)}")
+    if freqs.shape[-1] != D // 2:
+        raise ValueError(f"freqs must have D/2 = {D // 2} pairs in its last dim, got shape {tuple(freqs.shape)}")
+    if freqs.shape[-2] != A:
+        raise ValueError(f"freqs has {freqs.shape[-2]} axes but coords has A = {A} (its last dim)")
+    if freqs.dim() == 3:
+        if freqs.shape[0] != Hq:
+            raise ValueError(f"per-head freqs must be (Hq={Hq}, A, D/2), got shape {tuple(freqs.shape)}")
+        if k is not None and k.shape[1] != Hq:
+            raise ValueError(f"per-head freqs need as many k heads as q heads ({Hq}), k has {k.shape[1]}")
+    if A < 1:
+        raise ValueError("coords must have at least one axis")
+    return device
+
+
+def _check_fused(name, q, coords):
+    D = q.shape[-1]
+    if D > MAX_FUSED_HEAD_DIM:
+        raise ValueError(f"the {name} backend supports head dims up to {MAX_FUSED_HEAD_DIM}, got {D}")
+    if name == "cuda" and coords.shape[-1] > MAX_CUDA_AXES:
+        raise ValueError(f"the cuda backend supports up to {MAX_CUDA_AXES} axes, coords has {coords.shape[-1]}")
+
+
+def apply_rope(q: torch.Tensor, k: Optional[torch.Tensor], coords: torch.Tensor, freqs: torch.Tensor, *,
+               pairing: str = "interleaved",
+               backend: Optional[str] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Rotary position embedding of q and k (SPEC §2.3): returns new (q, k).
+
+    Args:
+        q: (B, Hq, L, D) queries, any strides (e.g. a view into a packed qkv tensor).
+        k: (B, Hk, L, D) keys with q's dtype, or None (then the result's k is None).
+        coords: positions (L, A) shared by the batch or (B, L, A), any float dtype
+            (used in fp32), e.g. ``pyramid_coords(scales, mode="round")``.
+        freqs: (A, D/2) frequencies shared by all heads (``axial_rope_freqs``,
+            ``rope_1d_freqs``, ``mrope_freqs``) or (Hq, A, D/2) per head (RoPE-Mixed,
+            then Hk must equal Hq). Angles ``sum_a coords[l, a] * freqs[a, j]`` in fp32.
+        pairing: ``"interleaved"`` (dims 2j, 2j+1; Infinity) or ``"half"`` (dims j,
+            j + D/2; NeoX / Qwen2-VL).
+        backend: None, "auto", "cuda", "triton" or "reference".
+
+    Math in fp32 with autocast off; outputs in the input dtype. Gradients flow to q,
+    k and (when it requires grad) freqs; d freqs is a deterministic reduction.
+    """
+    device = _validate(q, k, coords, freqs, pairing)
+    name = _backends.resolve_backend(OP, backend, device)
+    if name == "reference":
+        return ref.apply_rope(q, k, coords, freqs, pairing=pairing)
+    _check_fused(name, q, coords)
+    q_out, k_out = _rope_op(q, k, coords.float(), freqs.float(), pairing == "interleaved", False, name)
+    return q_out, (k_out if k is not None else None)
+
+
+def apply_rope_(q: torch.Tensor, k: Optional[torch.Tensor], coords: torch.Tensor, freqs: torch.Tensor, *,
+                pairing: str = "interleaved",
+                backend: Optional[str] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """In-place ``apply_rope``: rotates q and k in their own memory and returns them.
+
+    Safe for autograd: gradients are those of ``apply_rope``, and autograd's version
+    counters raise if a tensor needed by the backward is overwritten afterwards.
+    Like any in-place op it is refused on leaves that require grad. Without autograd
+    q and k are rotated in one launch; with it, in one launch each; with learnable
+    freqs (requires_grad) out of place and copied back.
+    """
+    device = _validate(q, k, coords, freqs, pairing)
+    name = _backends.resolve_backend(OP, backend, device)
+    if name == "reference":
+        # Clones: for fp32 the reference's .float() would alias what copy_ overwrites.
+        q_out, k_out = ref.apply_rope(q.clone(), None if k is None else k.clone(), coords, freqs,
+                                      pairing=pairing)
+        q.copy_(q_out)
+        if k is not None:
+            k.copy_(k_out)
+        return q, k
+    _check_fused(name, q, coords)
+    interleaved = pairing == "interleaved"
+    c, f = coords.float(), freqs.float()
+    if torch.is_grad_enabled() and f.requires_grad:
+        # d freqs needs the rotated values, which a later write to the same buffer
+        # (k after q in a packed qkv tensor) would clobber: rotate out of place into
+        # tensors autograd owns, then copy back.
+        q_out, k_out = _rope_op(q, k, c, f, interleaved, False, name)
+        q.copy_(q_out)
+        if k is not None:
+            k.copy_(k_out)
+        return q, k
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k)):
+        q = _InplaceRope.apply(q, c, f, interleaved, name)
+        if k is not None:
+            k = _InplaceRope.apply(k, c, f, interleaved, name)
+        return q, k
+    _rope_inplace_op(q, k, c, f, interleaved, False, name)  # q and k in one launch
+    return q, k

@@ -1,0 +1,222 @@
+"""Triton kernel of the rotary family: q and k rotated in one launch.
+
+One program owns a block of tokens of one batch element and a range of heads (q
+heads first, then k heads). Angles ``sum_a coords[l, a] * freqs[a, j]`` are computed
+in fp32 inside the program (no cos/sin tables in memory) and, for shared
+frequencies, reused by every head of the range. Inputs and outputs take any
+strides, so views into a packed qkv tensor and in-place rotation (output pointer =
+input pointer) need no copies.
+
+Backward = the same kernel with the rotation conjugated. With ``DFREQS`` it also
+loads the saved forward outputs y and reduces ``dangle = g1 * y0 - g0 * y1`` times
+the coordinates over the program's tokens (and heads, for shared frequencies) into
+one fp32 partial per program; the launcher's caller adds the partials in a fixed
+order, so d freqs is deterministic (no atomics).
+
+The launcher assumes arguments validated by ``posenc_fast.ops.rope``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _angles(c_base, scl, sca, f_base, sfa, sfp, offs_l, offs_p, l_ok, p_ok,
+            A: tl.constexpr, CONJ: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr):
+    ang = tl.zeros((BLOCK_L, BLOCK_P), dtype=tl.float32)
+    for a in tl.static_range(A):
+        c = tl.load(c_base + offs_l * scl + a * sca, mask=l_ok, other=0.0)
+        f = tl.load(f_base + a * sfa + offs_p * sfp, mask=p_ok, other=0.0)
+        ang += c[:, None] * f[None, :]
+    sin = tl.sin(ang)
+    if CONJ:
+        sin = -sin
+    return tl.cos(ang), sin
+
+
+@triton.jit
+def _load_pairs(base, sl, sd, offs_l, offs_p, mask, P, INTERLEAVED: tl.constexpr):
+    if INTERLEAVED:
+        # (L, P, 2) tile of adjacent elements, split into the two halves of each pair.
+        t = tl.arange(0, 2)
+        off = offs_l[:, None, None] * sl + (2 * offs_p[None, :, None] + t[None, None, :]) * sd
+        m = mask[:, :, None] & (t < 2)[None, None, :]
+        x0, x1 = tl.split(tl.load(base + off, mask=m, other=0.0).to(tl.float32))
+    else:
+        off = offs_l[:, None] * sl + offs_p[None, :] * sd
+        x0 = tl.load(base + off, mask=mask, other=0.0).to(tl.float32)
+        x1 = tl.load(base + off + P * sd, mask=mask, other=0.0).to(tl.float32)
+    return x0, x1
+
+
+@triton.jit
+def _store_pairs(base, sl, sd, offs_l, offs_p, mask, P, y0, y1, INTERLEAVED: tl.constexpr):
+    ty = base.dtype.element_ty
+    if INTERLEAVED:
+        t = tl.arange(0, 2)
+        off = offs_l[:, None, None] * sl + (2 * offs_p[None, :, None] + t[None, None, :]) * sd
+        m = mask[:, :, None] & (t < 2)[None, None, :]
+        tl.store(base + off, tl.join(y0, y1).to(ty), mask=m)
+    else:
+        off = offs_l[:, None] * sl + offs_p[None, :] * sd
+        tl.store(base + off, y0.to(ty), mask=mask)
+        tl.store(base + off + P * sd, y1.to(ty), mask=mask)
+
+
+@triton.jit
+def _rotate_head(x_base, sxl, sxd, o_base, sol, sod, y_base, syl, syd, cos, sin,
+                 offs_l, offs_p, mask, P, INTERLEAVED: tl.constexpr, DFREQS: tl.constexpr):
+    """Rotates one head's tile; returns dangle (zeros unless DFREQS)."""
+    x0, x1 = _load_pairs(x_base, sxl, sxd, offs_l, offs_p, mask, P, INTERLEAVED)
+    _store_pairs(o_base, sol, sod, offs_l, offs_p, mask, P,
+                 x0 * cos - x1 * sin, x0 * sin + x1 * cos, INTERLEAVED)
+    if DFREQS:
+        y0, y1 = _load_pairs(y_base, syl, syd, offs_l, offs_p, mask, P, INTERLEAVED)
+        dang = x1 * y0 - x0 * y1
+    else:
+        dang = tl.zeros_like(x0)
+    return dang
+
+
+@triton.jit
+def _coord_tile(c_base, scl, sca, offs_l, l_ok, A, BLOCK_A: tl.constexpr):
+    offs_a = tl.arange(0, BLOCK_A)
+    return tl.load(c_base + offs_l[:, None] * scl + offs_a[None, :] * sca,
+                   mask=l_ok[:, None] & (offs_a < A)[None, :], other=0.0)
+
+
+@triton.jit
+def _store_partial(part_ptr, row, acc, A, P, BLOCK_A: tl.constexpr, BLOCK_P: tl.constexpr):
+    offs_a = tl.arange(0, BLOCK_A)
+    offs_p = tl.arange(0, BLOCK_P)
+    off = row * (A * P) + offs_a[:, None] * P + offs_p[None, :]
+    tl.store(part_ptr + off, acc, mask=(offs_a < A)[:, None] & (offs_p < P)[None, :])
+
+
+@triton.jit
+def _rope_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, qy_ptr, ky_ptr, c_ptr, f_ptr, part_ptr,
+                 L, P, Hq, Hk, heads_per_prog, n_hsplit, n_kinds,
+                 sqb, sqh, sql, sqd, skb, skh, skl, skd,
+                 sqob, sqoh, sqol, sqod, skob, skoh, skol, skod,
+                 sqyb, sqyh, sqyl, sqyd, skyb, skyh, skyl, skyd,
+                 scb, scl, sca, sfh, sfa, sfp,
+                 A: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr,
+                 INTERLEAVED: tl.constexpr, CONJ: tl.constexpr, PER_HEAD: tl.constexpr,
+                 DFREQS: tl.constexpr):
+    pid_l = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    pid_h = tl.program_id(2)
+    offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    offs_p = tl.arange(0, BLOCK_P)
+    l_ok = offs_l < L
+    p_ok = offs_p < P
+    mask = l_ok[:, None] & p_ok[None, :]
+    b = pid_b.to(tl.int64)
+    c_base = c_ptr + b * scb
+    if not PER_HEAD:
+        cos, sin = _angles(c_base, scl, sca, f_ptr, sfa, sfp, offs_l, offs_p, l_ok, p_ok,
+                           A, CONJ, BLOCK_L, BLOCK_P)
+    if DFREQS:
+        coords = _coord_tile(c_base, scl, sca, offs_l, l_ok, A, BLOCK_A)
+        acc = tl.zeros((BLOCK_A, BLOCK_P), dtype=tl.float32)
+        slot = pid_b * tl.num_programs(0) + pid_l
+    # int64 head indices: head offsets of large packed tensors overflow int32.
+    h_lo = pid_h.to(tl.int64) * heads_per_prog
+    h_hi = tl.minimum(h_lo + heads_per_prog, Hq + Hk)
+
+    for h in range(h_lo, tl.minimum(h_hi, Hq)):
+        if PER_HEAD:
+            cos, sin = _angles(c_base, scl, sca, f_ptr + h * sfh, sfa, sfp, offs_l, offs_p, l_ok, p_ok,
+                               A, CONJ, BLOCK_L, BLOCK_P)
+        dang = _rotate_head(q_ptr + b * sqb + h * sqh, sql, sqd, qo_ptr + b * sqob + h * sqoh, sqol, sqod,
+                            qy_ptr + b * sqyb + h * sqyh, sqyl, sqyd, cos, sin, offs_l, offs_p, mask, P,
+                            INTERLEAVED, DFREQS)
+        if DFREQS:
+            contrib = tl.sum(dang[:, None, :] * coords[:, :, None], axis=0)
+            if PER_HEAD:
+                # partial rows: (slot, q or k, head)
+                _store_partial(part_ptr, (slot * n_kinds) * Hq + h, contrib, A, P, BLOCK_A, BLOCK_P)
+            else:
+                acc += contrib
+
+    for h in range(tl.maximum(h_lo, Hq) - Hq, h_hi - Hq):
+        if PER_HEAD:
+            cos, sin = _angles(c_base, scl, sca, f_ptr + h * sfh, sfa, sfp, offs_l, offs_p, l_ok, p_ok,
+                               A, CONJ, BLOCK_L, BLOCK_P)
+        dang = _rotate_head(k_ptr + b * skb + h * skh, skl, skd, ko_ptr + b * skob + h * skoh, skol, skod,
+                            ky_ptr + b * skyb + h * skyh, skyl, skyd, cos, sin, offs_l, offs_p, mask, P,
+                            INTERLEAVED, DFREQS)
+        if DFREQS:
+            contrib = tl.sum(dang[:, None, :] * coords[:, :, None], axis=0)
+            if PER_HEAD:
+                _store_partial(part_ptr, (slot * n_kinds + 1) * Hq + h, contrib, A, P, BLOCK_A, BLOCK_P)
+            else:
+                acc += contrib
+
+    if DFREQS:
+        if not PER_HEAD:
+            _store_partial(part_ptr, slot * n_hsplit + pid_h, acc, A, P, BLOCK_A, BLOCK_P)
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1  # interpreter: keep the grid small
+
+
+def _strides(t):
+    return tuple(t.stride()) if t is not None else (0, 0, 0, 0)
+
+
+def grid_shape(B: int, L: int, P: int, Hq: int, Hk: int, device: torch.device):
+    """(BLOCK_L, token blocks, head splits, heads per program): ~2K pairs per head tile;
+    heads are split across programs only when tokens x batch cannot fill the device."""
+    BLOCK_P = triton.next_power_of_2(P)
+    BLOCK_L = max(1, min(triton.next_power_of_2(max(L, 1)), 2048 // BLOCK_P))
+    n_l = triton.cdiv(L, BLOCK_L)
+    heads = Hq + Hk
+    want = 4 * _num_sms(device)
+    n_h = max(1, min(heads, triton.cdiv(want, max(n_l * B, 1))))
+    per = triton.cdiv(heads, n_h)
+    return BLOCK_L, n_l, triton.cdiv(heads, per), per
+
+
+def apply_rope(q, k, q_out, k_out, coords, freqs, *, interleaved: bool, conjugate: bool,
+               q_saved=None, k_saved=None, partial=None) -> None:
+    """Rotates q (B, Hq, L, D) into q_out and k (B, Hk, L, D) (or None) into k_out.
+
+    coords: fp32 (B or 1, L, A) (batch stride 0 for shared coords); freqs: fp32
+    (A, P) or per head (Hq, A, P). ``partial`` (fp32, see ``partial_rows``) turns on
+    the d freqs reduction, which needs the forward outputs ``q_saved`` / ``k_saved``
+    (k only when k is given); q/k are then the output gradients."""
+    B, Hq, L, D = q.shape
+    P = D // 2
+    Hk = 0 if k is None else k.shape[1]
+    if B == 0 or L == 0 or Hq + Hk == 0:
+        return
+    per_head = freqs.dim() == 3
+    A = freqs.shape[-2]
+    dfreqs = partial is not None
+    BLOCK_L, n_l, n_h, per = grid_shape(B, L, P, Hq, Hk, q.device)
+    kk, ko = (k, k_out) if k is not None else (q, q_out)
+    qy = q_saved if dfreqs else q
+    ky = (k_saved if k is not None else q_saved) if dfreqs else kk
+    fs = (freqs.stride(0), freqs.stride(1), freqs.stride(2)) if per_head else (0, freqs.stride(0), freqs.stride(1))
+    _rope_kernel[(n_l, B, n_h)](
+        q, kk, q_out, ko, qy, ky, coords, freqs, partial if dfreqs else coords,
+        L, P, Hq, Hk, per, n_h, 2 if Hk else 1,
+        *_strides(q), *_strides(kk), *_strides(q_out), *_strides(ko), *_strides(qy), *_strides(ky),
+        coords.stride(0) if coords.shape[0] > 1 else 0, coords.stride(1), coords.stride(2), *fs,
+        A=A, BLOCK_A=triton.next_power_of_2(A), BLOCK_L=BLOCK_L, BLOCK_P=triton.next_power_of_2(P),
+        INTERLEAVED=interleaved, CONJ=conjugate, PER_HEAD=per_head, DFREQS=dfreqs,
+    )
+
+
+def partial_rows(B: int, L: int, P: int, Hq: int, Hk: int, per_head: bool, device: torch.device) -> int:
+    """Number of (A, P) partial rows the d freqs reduction writes: per head,
+    (B * token blocks, 1 + has k, H); shared, (B * token blocks, head splits)."""
+    _, n_l, n_h, _ = grid_shape(B, L, P, Hq, Hk, device)
+    return B * n_l * (2 if Hk else 1) * Hq if per_head else B * n_l * n_h
