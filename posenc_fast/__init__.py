@@ -15,6 +15,7 @@ from .ops.rope import (apply_rope, apply_rope_, axial_rope_freqs, mrope_freqs, p
 from .nn.rope import PyramidRoPE  # noqa: E402
 
 # -- fused attention input projection --
+from .ops.qkv_proj import qkv_proj  # noqa: E402
 
 from . import integrations  # noqa: E402,F401
 

@@ -37,12 +37,13 @@ def qkv_proj(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
     qkv = F.linear(x, weight, bias)
     q, k, v = qkv.view(B, L, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)
     if qk_l2norm or q_scale is not None or coords is not None:
-        q, k = q.float(), k.float()
+        acc = torch.promote_types(x.dtype, torch.float32)  # fp32, or fp64 for fp64 inputs
+        q, k = q.to(acc), k.to(acc)
         if qk_l2norm:
             q = F.normalize(q, dim=-1, eps=L2_EPS)
             k = F.normalize(k, dim=-1, eps=L2_EPS)
         if q_scale is not None:
-            q = q * q_scale.float().view(1, H, 1, 1)
+            q = q * q_scale.to(acc).view(1, H, 1, 1)
         if coords is not None:
             q, k = apply_rope(q, k, coords, freqs, pairing=pairing)
         q, k = q.to(x.dtype), k.to(x.dtype)

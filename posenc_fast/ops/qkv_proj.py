@@ -1,0 +1,298 @@
+"""``qkv_proj``: the fused attention input projection (QKV GEMM + bias + q/k L2 norm
++ q_scale + 2D RoPE + (B, H, L, D) head layout), forward and backward.
+
+Public function -> argument checks -> autocast (like ``F.linear``) -> backend
+choice -> either the reference (plain autograd) or the custom op
+``posenc_fast::qkv_proj``:
+
+* ``triton``: one kernel, the GEMM with the whole epilogue fused;
+* ``cuda``: the GEMM through cuBLAS (``F.linear`` without bias), then one
+  hand-written epilogue kernel over the packed (M, 3C) result.
+
+Backward (custom op ``posenc_fast::qkv_proj_backward`` + two GEMMs): one kernel
+turns dq, dk, dv into the packed dQKV, then ``dX = dQKV W`` and ``dW = dQKV^T x``.
+Saved for backward: x, W, the per-(row, head) inverse norms and the outputs q and
+k themselves (the same tensors the attention that consumes them keeps; no
+copies). The pre-rotation, post-norm vectors are recovered as ``R^T q / q_scale``
+instead of recomputing the GEMM, which would cost 2/3 of a GEMM more and miss the
+<= 1.25x target; the price is that q_scale must be nonzero (VAR and Infinity use
+``exp(...)``) and that bf16/fp16 outputs round that recovered vector to the output
+precision, the same precision eager autocast code keeps for its backward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from .. import _backends, _checks, _cuda
+from ..reference import qkv_proj as ref
+
+OP = "qkv_proj"
+PAIRINGS = ("interleaved", "half")
+_CUDA_MAX_AXES = 4
+_CUDA_MAX_HEAD_DIM = 256
+
+
+def _rope_strides(coords: Optional[torch.Tensor], freqs: Optional[torch.Tensor]):
+    """CUDA-side rope arguments: coords strides (batch, token, axis) with 0 for a
+    broadcast batch, freqs strides (head, axis) with 0 for shared freqs, axes."""
+    if coords is None:
+        return [0, 0, 0], [0, 0], 0
+    cb = coords.stride(0) if coords.dim() == 3 and coords.shape[0] > 1 else 0
+    fh = freqs.stride(0) if freqs.dim() == 3 else 0
+    return [cb, coords.stride(-2), coords.stride(-1)], [fh, freqs.stride(-2)], coords.shape[-1]
+
+
+@torch.library.custom_op("posenc_fast::qkv_proj", mutates_args=())
+def _fwd_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], q_scale: Optional[torch.Tensor],
+            coords: Optional[torch.Tensor], freqs: Optional[torch.Tensor], num_heads: int, qk_l2norm: bool,
+            half_pairing: bool, backend: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    B, L, C = x.shape
+    H = num_heads
+    D = C // H
+    M = B * L
+    dev = x.device
+    q, k, v = (_checks.empty((B, H, L, D), dtype=x.dtype, device=dev) for _ in range(3))
+    rstd = (_checks.empty((2, M, H), dtype=torch.float32, device=dev) if qk_l2norm
+            else torch.empty((0,), dtype=torch.float32, device=dev))
+    if M == 0:
+        return q, k, v, rstd
+    if backend == "triton":
+        from ..triton_kernels import qkv_proj as tk
+
+        tk.qkv_proj_fwd(x, weight, bias, q_scale, coords, freqs, q, k, v, rstd if qk_l2norm else None,
+                        num_heads=H, half_pairing=half_pairing)
+    elif backend == "cuda":
+        qkv = F.linear(x.reshape(M, C), weight)  # cuBLAS; the bias is added by the epilogue
+        cs, fs, axes = _rope_strides(coords, freqs)
+        _cuda.lib().qkv_proj_fwd(
+            _cuda.ptr(qkv), qkv.stride(0), _cuda.ptr(bias), _cuda.dtype_code(qkv), _cuda.ptr(q_scale),
+            _cuda.ptr(coords), cs, _cuda.ptr(freqs), fs, axes, half_pairing,
+            _cuda.ptr(q), _cuda.ptr(k), _cuda.ptr(v), _cuda.ptr(rstd) if qk_l2norm else 0,
+            B, L, H, D, dev.index, _cuda.stream(dev))
+    else:
+        raise ValueError(f"posenc_fast::{OP} has no kernel for backend {backend!r}")
+    return q, k, v, rstd
+
+
+@_fwd_op.register_fake
+def _(x, weight, bias, q_scale, coords, freqs, num_heads, qk_l2norm, half_pairing, backend):
+    B, L, C = x.shape
+    H = num_heads
+    shape = (B, H, L, C // H)
+    rstd = x.new_empty((2, B * L, H) if qk_l2norm else (0,), dtype=torch.float32)
+    return x.new_empty(shape), x.new_empty(shape), x.new_empty(shape), rstd
+
+
+@torch.library.custom_op("posenc_fast::qkv_proj_backward", mutates_args=())
+def _bwd_op(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+            rstd: torch.Tensor, q_scale: Optional[torch.Tensor], coords: Optional[torch.Tensor],
+            freqs: Optional[torch.Tensor], qk_l2norm: bool, half_pairing: bool, need_dbias: bool,
+            need_dscale: bool, need_dfreqs: bool,
+            backend: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns dqkv (M, 3C) in the outputs' dtype and fp32 dbias (3C,), dq_scale (H,),
+    dfreqs (freqs' shape); each of the last three is empty when not needed."""
+    B, H, L, D = dq.shape
+    C = H * D
+    M = B * L
+    dev = dq.device
+    dqkv = _checks.empty((M, 3 * C), dtype=dq.dtype, device=dev)
+    need_dscale = need_dscale and q_scale is not None
+    need_dfreqs = need_dfreqs and coords is not None
+    if backend == "triton":
+        from ..triton_kernels import qkv_proj as tk
+
+        R = tk.bwd_row_blocks(M)
+    elif backend == "cuda":
+        R = -(-M // _cuda.lib().qkv_proj_bwd_rows_per_chunk())
+    else:
+        raise ValueError(f"posenc_fast::{OP} has no kernel for backend {backend!r}")
+    A = coords.shape[-1] if coords is not None else 0
+    dbias_part = _checks.empty((R, 3 * C), dtype=torch.float32, device=dev) if need_dbias else None
+    dscale_part = _checks.empty((R, H), dtype=torch.float32, device=dev) if need_dscale else None
+    dfreqs_part = _checks.empty((R, 2, H, A, D // 2), dtype=torch.float32, device=dev) if need_dfreqs else None
+    norm_rstd = rstd if qk_l2norm else None
+    if M > 0 and backend == "triton":
+        tk.qkv_proj_bwd(dq, dk, dv, q, k, norm_rstd, q_scale, coords, freqs, dqkv, dbias_part, dscale_part,
+                        dfreqs_part, half_pairing=half_pairing)
+    elif M > 0:
+        cs, fs, axes = _rope_strides(coords, freqs)
+        _cuda.lib().qkv_proj_bwd(
+            _cuda.ptr(dq), list(dq.stride()), _cuda.ptr(dk), list(dk.stride()), _cuda.ptr(dv), list(dv.stride()),
+            _cuda.ptr(q), _cuda.ptr(k), _cuda.dtype_code(dq), _cuda.ptr(norm_rstd), _cuda.ptr(q_scale),
+            _cuda.ptr(coords), cs, _cuda.ptr(freqs), fs, axes, half_pairing, _cuda.ptr(dqkv),
+            _cuda.ptr(dbias_part), _cuda.ptr(dscale_part), _cuda.ptr(dfreqs_part), B, L, H, D,
+            dev.index, _cuda.stream(dev))
+
+    def unused():  # a fresh tensor each: custom-op outputs must not alias
+        return torch.empty((0,), dtype=torch.float32, device=dev)
+
+    # Fixed-order sums over the row blocks: deterministic.
+    dbias = dbias_part.sum(0) if need_dbias else unused()
+    dscale = dscale_part.sum(0) if need_dscale else unused()
+    if need_dfreqs:
+        dfreqs = dfreqs_part.sum((0, 1))
+        if freqs.dim() == 2:
+            dfreqs = dfreqs.sum(0)
+    else:
+        dfreqs = unused()
+    return dqkv, dbias, dscale, dfreqs
+
+
+@_bwd_op.register_fake
+def _(dq, dk, dv, q, k, rstd, q_scale, coords, freqs, qk_l2norm, half_pairing, need_dbias, need_dscale,
+      need_dfreqs, backend):
+    B, H, L, D = dq.shape
+    f32 = dict(dtype=torch.float32)
+    dqkv = dq.new_empty((B * L, 3 * H * D))
+    dbias = dq.new_empty((3 * H * D,) if need_dbias else (0,), **f32)
+    dscale = dq.new_empty((H,) if need_dscale and q_scale is not None else (0,), **f32)
+    dfreqs = dq.new_empty(tuple(freqs.shape) if need_dfreqs and coords is not None else (0,), **f32)
+    return dqkv, dbias, dscale, dfreqs
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, q_scale, coords, freqs, num_heads, qk_l2norm, half_pairing, backend = inputs
+    q, k, _, rstd = output
+    ctx.mark_non_differentiable(rstd)
+    ctx.save_for_backward(x, weight, q, k, rstd, q_scale, coords, freqs)
+    ctx.qk_l2norm, ctx.half_pairing, ctx.backend = qk_l2norm, half_pairing, backend
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _backward(ctx, dq, dk, dv, _drstd):
+    x, weight, q, k, rstd, q_scale, coords, freqs = ctx.saved_tensors
+    need_x, need_w, need_b, need_s, _, need_f = ctx.needs_input_grad[:6]
+    dq = torch.zeros_like(q) if dq is None else dq
+    dk = torch.zeros_like(k) if dk is None else dk
+    dv = torch.zeros_like(q) if dv is None else dv
+    dqkv, dbias, dscale, dfreqs = _bwd_op(dq, dk, dv, q, k, rstd, q_scale, coords, freqs, ctx.qk_l2norm,
+                                          ctx.half_pairing, need_b, need_s, need_f, ctx.backend)
+    B, L, C = x.shape
+    dx = (dqkv @ weight).view(B, L, C) if need_x else None
+    dw = dqkv.t() @ x.reshape(B * L, C) if need_w else None
+    return (dx, dw, dbias.to(ctx.bias_dtype) if need_b else None, dscale if need_s else None, None,
+            dfreqs if need_f else None, None, None, None, None)
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _check_bool(name: str, v) -> None:
+    if not isinstance(v, bool):
+        raise TypeError(f"{name} must be a bool, got {type(v).__name__}")
+
+
+def _validate(x, weight, bias, num_heads, qk_l2norm, q_scale, coords, freqs, pairing) -> torch.device:
+    _checks.check_tensor("x", x, ndim=3)
+    _checks.check_tensor("weight", weight, ndim=2)
+    _checks.check_tensor("bias", bias, ndim=1, allow_none=True)
+    _checks.check_int("num_heads", num_heads, minimum=1)
+    _check_bool("qk_l2norm", qk_l2norm)
+    for name, t, ndim in (("q_scale", q_scale, 1), ("coords", coords, (2, 3)), ("freqs", freqs, (2, 3))):
+        # Any floating dtype (fp64 positions too): the kernels take them as fp32.
+        _checks.check_tensor(name, t, ndim=ndim, dtypes=None, allow_none=True)
+        if t is not None and not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got dtype {str(t.dtype).replace('torch.', '')}")
+    if not isinstance(pairing, str) or pairing not in PAIRINGS:
+        raise ValueError(f"pairing must be one of {PAIRINGS}, got {pairing!r}")
+    device = _checks.check_same_device(x=x, weight=weight, bias=bias, q_scale=q_scale, coords=coords, freqs=freqs)
+    B, L, C = x.shape
+    H = num_heads
+    if C % H:
+        raise ValueError(f"x has C = {C} channels, which num_heads = {H} does not divide")
+    D = C // H
+    if tuple(weight.shape) != (3 * C, C):
+        raise ValueError(f"weight must have shape (3*C, C) = ({3 * C}, {C}) for x with C = {C}, "
+                         f"got {tuple(weight.shape)}")
+    if bias is not None and bias.shape[0] != 3 * C:
+        raise ValueError(f"bias must have shape (3*C,) = ({3 * C},), got {tuple(bias.shape)}")
+    if q_scale is not None and q_scale.shape[0] != H:
+        raise ValueError(f"q_scale must have shape (num_heads,) = ({H},), got {tuple(q_scale.shape)}")
+    if (coords is None) != (freqs is None):
+        raise ValueError("coords and freqs must be given together (rope) or both be None")
+    if coords is not None:
+        if D % 2:
+            raise ValueError(f"rope needs an even head_dim, got D = C / num_heads = {D}")
+        if coords.shape[-2] != L:
+            raise ValueError(f"coords has {coords.shape[-2]} positions but x has L = {L} tokens")
+        if coords.dim() == 3 and coords.shape[0] not in (1, B):
+            raise ValueError(f"coords must be (L, A) or (B, L, A) with B = {B}, got shape {tuple(coords.shape)}")
+        A = coords.shape[-1]
+        if freqs.shape[-2:] != (A, D // 2):
+            raise ValueError(f"freqs must be (A, D/2) = ({A}, {D // 2}) or per head (H, A, D/2), "
+                             f"got shape {tuple(freqs.shape)}")
+        if freqs.dim() == 3 and freqs.shape[0] != H:
+            raise ValueError(f"per-head freqs must have num_heads = {H} rows, got shape {tuple(freqs.shape)}")
+        if A < 1:
+            raise ValueError("coords must have at least one axis")
+    return device
+
+
+def _check_dtypes(x, weight, bias) -> None:
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.dtype != x.dtype:
+            raise TypeError(f"{name} has dtype {str(t.dtype).replace('torch.', '')} but x has "
+                            f"{str(x.dtype).replace('torch.', '')}: they must match (or run under autocast)")
+
+
+def _check_backend_limits(name: str, D: int, coords: Optional[torch.Tensor]) -> None:
+    if name == "triton" and (D < 16 or D > 256 or D & (D - 1)):
+        raise ValueError(f"backend 'triton' needs a power-of-two head_dim in [16, 256], got {D}")
+    if name == "cuda":
+        if D % 2 or D > _CUDA_MAX_HEAD_DIM:
+            raise ValueError(f"backend 'cuda' needs an even head_dim <= {_CUDA_MAX_HEAD_DIM}, got {D}")
+        if coords is not None and coords.shape[-1] > _CUDA_MAX_AXES:
+            raise ValueError(f"backend 'cuda' supports at most {_CUDA_MAX_AXES} rope axes, got {coords.shape[-1]}")
+
+
+def _autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
+    if device.type in ("cuda", "cpu") and torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return None
+
+
+def qkv_proj(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *, num_heads: int,
+             qk_l2norm: bool = False, q_scale: Optional[torch.Tensor] = None, coords: Optional[torch.Tensor] = None,
+             freqs: Optional[torch.Tensor] = None, pairing: str = "interleaved",
+             backend: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Attention-ready ``q, k, v`` (B, H, L, D) from ``x`` in one fused pass.
+
+    ``qkv = x @ weight^T + bias`` (weight (3C, C), rows q | k | v, head-major);
+    split into ``num_heads`` heads of D = C / H; if ``qk_l2norm`` q and k are
+    divided by ``max(||.||_2, 1e-12)`` per head; q is multiplied by ``q_scale[h]``
+    when given (VAR: ``exp(min(scale_mul, ln 100))``, computed by the caller); then,
+    with ``coords`` (L, A) or (B, L, A) and ``freqs`` (A, D/2) or per head
+    (H, A, D/2), q and k are rotated (SPEC §2.3, ``pairing`` "interleaved" or
+    "half"), after the norm like Infinity.
+
+    Outputs are contiguous, in x's dtype; under ``torch.autocast`` the inputs are
+    cast like ``F.linear`` does and the outputs have the autocast dtype. Norm,
+    scale and rotation run in fp32. fp32 GEMMs use TF32 only where
+    ``torch.backends.cuda.matmul.allow_tf32`` lets ``F.linear`` use it. Gradients
+    flow to x, weight, bias, q_scale (must be nonzero) and freqs.
+    """
+    device = _validate(x, weight, bias, num_heads, qk_l2norm, q_scale, coords, freqs, pairing)
+    name = _backends.resolve_backend(OP, backend, device)
+    D = x.shape[2] // num_heads
+    _check_backend_limits(name, D, coords)
+    cast = _autocast_dtype(device)
+    if cast is not None:
+        x, weight = x.to(cast), weight.to(cast)
+        bias = None if bias is None else bias.to(cast)
+    _check_dtypes(x, weight, bias)
+    with torch.autocast(device.type, enabled=False) if cast is not None else contextlib.nullcontext():
+        if name == "reference":
+            return ref.qkv_proj(x, weight, bias, num_heads=num_heads, qk_l2norm=qk_l2norm, q_scale=q_scale,
+                                coords=coords, freqs=freqs, pairing=pairing)
+        q, k, v, _ = _fwd_op(
+            x, weight, None if bias is None else bias.contiguous(),
+            None if q_scale is None else q_scale.float().contiguous(),
+            None if coords is None else coords.float().contiguous(),
+            None if freqs is None else freqs.float().contiguous(),
+            num_heads, qk_l2norm, pairing == "half", name)
+    return q, k, v
