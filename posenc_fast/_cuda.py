@@ -6,17 +6,44 @@ handle; this module turns tensors into those arguments.
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
 
+
+def driver_error(lib) -> Optional[str]:
+    """Why the installed NVIDIA driver cannot run ``lib`` (None when it can, or when
+    there is no driver at all: that is reported per device as "no CUDA device").
+
+    The library links the CUDA runtime statically, so it needs a driver of at least
+    its CUDA major; within a major, CUDA's minor-version compatibility applies."""
+    built = str(lib.cuda_version)
+    need = int(built.split(".")[0])
+    try:
+        driver = int(lib.driver_version())
+    except RuntimeError as exc:
+        return f"the CUDA driver could not be queried ({exc})"
+    have = driver // 1000
+    if driver == 0 or have >= need:
+        return None
+    return (f"this posenc_fast build needs an NVIDIA driver for CUDA {need} (it was built with "
+            f"CUDA {built}), but the installed driver supports CUDA {have}.{driver % 1000 // 10} at "
+            f"most: install the posenc-fast wheel for CUDA {have} (version suffix +cu{have}) or "
+            f"upgrade the driver")
+
+
 try:
     from . import _C  # type: ignore[attr-defined]
-
-    _LOAD_ERROR: Optional[str] = None
 except ImportError as exc:  # not built (no nvcc / POSENC_FAST_BUILD_CUDA=0) or broken
     _C = None
-    _LOAD_ERROR = f"the CUDA extension is not built or failed to load ({exc})"
+    _LOAD_ERROR: Optional[str] = f"the CUDA extension is not built or failed to load ({exc})"
+else:
+    _LOAD_ERROR = driver_error(_C)
+    if _LOAD_ERROR:
+        # Said once, at import; the cuda backend then reports it as its reason while
+        # the triton and reference backends keep working.
+        warnings.warn(f"posenc_fast: the cuda backend is disabled: {_LOAD_ERROR}", RuntimeWarning)
 
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
@@ -26,8 +53,9 @@ def load_error() -> Optional[str]:
 
 
 def lib():
-    """The extension module; RuntimeError with the reason when it is missing."""
-    if _C is None:
+    """The extension module; RuntimeError with the reason when it is missing or the
+    driver cannot run it."""
+    if _LOAD_ERROR:
         raise RuntimeError(f"posenc_fast: {_LOAD_ERROR}")
     return _C
 
