@@ -37,7 +37,7 @@ def _unflat(flat: Sequence[int]) -> Tuple[Tuple[int, int], ...]:
 @functools.lru_cache(maxsize=128)
 def _token_meta(scales: Tuple[Tuple[int, int], ...], device: torch.device) -> torch.Tensor:
     """int32 (L, 3) table of (level, row, col), cached per pyramid and device."""
-    return torch.tensor(ref.token_table(scales), dtype=torch.int32, device=device)
+    return ref.token_table(scales, device=device).to(torch.int32)
 
 
 @functools.lru_cache(maxsize=128)

@@ -16,7 +16,6 @@ table: per scale a 2D sinusoidal grid whose channels [0, C/2) encode the row and
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Optional, Sequence, Tuple, Union
 
@@ -53,14 +52,14 @@ def pyramid_length(patch_nums: Sequence[Scale]) -> int:
     return sum(h * w for h, w in normalize_scales(patch_nums))
 
 
-def token_table(patch_nums: Sequence[Scale]) -> Tuple[Tuple[int, int, int], ...]:
-    """(level, row, col) of every pyramid token, coarse scale first, raster order."""
-    return _token_table(normalize_scales(patch_nums))
-
-
-@functools.lru_cache(maxsize=64)
-def _token_table(scales: Tuple[Tuple[int, int], ...]) -> Tuple[Tuple[int, int, int], ...]:
-    return tuple((s, r, c) for s, (h, w) in enumerate(scales) for r in range(h) for c in range(w))
+def token_table(patch_nums: Sequence[Scale], *, device=None) -> torch.Tensor:
+    """(L, 3) int64 tensor of (level, row, col) for every pyramid token, coarse scale
+    first, raster order within a scale."""
+    scales = normalize_scales(patch_nums)
+    level = torch.cat([torch.full((h * w,), s, dtype=torch.long, device=device) for s, (h, w) in enumerate(scales)])
+    row = torch.cat([torch.arange(h, device=device).repeat_interleave(w) for h, w in scales])
+    col = torch.cat([torch.arange(w, device=device).repeat(h) for h, w in scales])
+    return torch.stack([level, row, col], dim=1)
 
 
 def sincos_pyramid_table(patch_nums: Sequence[Scale], embed_dim: int, *,
@@ -69,7 +68,7 @@ def sincos_pyramid_table(patch_nums: Sequence[Scale], embed_dim: int, *,
     if embed_dim % 2:
         raise ValueError(f"the sincos table needs an even embed_dim, got {embed_dim}")
     half = embed_dim // 2
-    meta = torch.tensor(token_table(patch_nums), dtype=torch.float64, device=device)
+    meta = token_table(patch_nums, device=device).to(torch.float64)
     k = torch.arange(half, dtype=torch.float64, device=device)
     w = torch.exp(-(2 * torch.div(k, 2, rounding_mode="floor")) / half * math.log(10000.0))
     is_sin = (torch.arange(half, device=device) % 2) == 0
@@ -86,7 +85,7 @@ def pyramid_pos_level_add(x: torch.Tensor, pos: Optional[torch.Tensor], lvl: tor
                           sincos_weight: float = 0.0) -> torch.Tensor:
     """Reference implementation; see the module docstring. Gradients flow to x, pos, lvl."""
     n, C = x.shape[1], x.shape[2]
-    meta = torch.tensor(token_table(patch_nums), dtype=torch.long, device=x.device)[start:start + n]
+    meta = token_table(patch_nums, device=x.device)[start:start + n]
     pos2d = None if pos is None else pos.reshape(pos.shape[-2], pos.shape[-1])
     out_dtype = torch.result_type(x, lvl) if pos2d is None else torch.promote_types(
         torch.result_type(x, pos2d), lvl.dtype)
