@@ -91,7 +91,8 @@ class CMakeBuild(build_ext):
 
 ext_modules = []
 version = VERSION
-nvcc = cuda_build_wanted()
+# A source distribution is toolkit-neutral: plain version; the wheel built from it decides.
+nvcc = None if "sdist" in sys.argv[1:] else cuda_build_wanted()
 if nvcc:
     cuda_version = cuda_toolkit.version(nvcc)
     version = f"{VERSION}+cu{cuda_version.split('.')[0]}"
