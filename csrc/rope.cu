@@ -295,15 +295,25 @@ void dispatch_vec(const RopeArgs& args, const Params& p, int n_lblocks, int n_hs
 
 }  // namespace
 
-size_t rope_workspace_floats(int B, int Hq, int Hk, int L, int D, int A, bool per_head) {
-  const int P = D / 2;
-  if (B <= 0 || L <= 0 || P <= 0 || Hq + Hk <= 0) return 0;
+namespace {
+
+// Rows of the d freqs workspace, each one value of dfreqs: (Hq, A, P) floats per
+// (token block, batch, q or k) per head, (A, P) per (token block, batch, head split)
+// shared. The kernel writes per-head rows head by head: the same memory.
+size_t reduce_rows(int B, int Hq, int Hk, int L, int P, bool per_head) {
   const int Htot = Hq + Hk;
+  if (B <= 0 || L <= 0 || P <= 0 || Htot <= 0) return 0;
   const size_t n_l = ceil_div(L, tile_tokens(P));
   const int per = heads_per_block(B, L, P, Htot);
-  const size_t n_h = (Htot + per - 1) / per;
-  const size_t rows = per_head ? n_l * B * (Hk > 0 ? 2 : 1) * Hq : n_l * B * n_h;
-  return rows * A * P;
+  return per_head ? n_l * B * (Hk > 0 ? 2 : 1) : n_l * B * ((Htot + per - 1) / per);
+}
+
+size_t dfreqs_size(int Hq, int A, int P, bool per_head) { return (size_t)(per_head ? Hq : 1) * A * P; }
+
+}  // namespace
+
+size_t rope_workspace_floats(int B, int Hq, int Hk, int L, int D, int A, bool per_head) {
+  return reduce_rows(B, Hq, Hk, L, D / 2, per_head) * dfreqs_size(Hq, A, D / 2, per_head);
 }
 
 void rope_apply(const RopeArgs& args, int device, cudaStream_t stream) {
@@ -319,8 +329,6 @@ void rope_apply(const RopeArgs& args, int device, cudaStream_t stream) {
 
   const int P = args.D / 2;
   const int Htot = args.Hq + args.Hk;
-  const int64_t m = (int64_t)(args.per_head ? args.Hq : 1) * args.A * P;
-  int64_t rows = 0;
   if (args.B > 0 && args.L > 0 && Htot > 0) {
     Params p{};
     for (int w = 0; w < 2; ++w) {
@@ -358,11 +366,11 @@ void rope_apply(const RopeArgs& args, int device, cudaStream_t stream) {
       if (args.interleaved) dispatch_vec<T, true>(used, p, n_lblocks, n_hsplit, dfreqs, stream);
       else dispatch_vec<T, false>(used, p, n_lblocks, n_hsplit, dfreqs, stream);
     });
-    rows = (int64_t)(rope_workspace_floats(args.B, args.Hq, args.Hk, args.L, args.D, args.A, args.per_head) / (args.A * P)) /
-           (args.per_head ? args.Hq : 1);
   }
+  const int64_t m = (int64_t)dfreqs_size(args.Hq, args.A, P, args.per_head);
   if (dfreqs && m > 0) {
-    // Workspace rows of m floats: per head, (slot, q or k) rows of (Hq, A, P).
+    // Zero rows (empty input) still write dfreqs: zeros.
+    const int64_t rows = (int64_t)reduce_rows(args.B, args.Hq, args.Hk, args.L, P, args.per_head);
     reduce_rows_kernel<<<ceil_div(m, 32), dim3(32, 32), 0, stream>>>(args.workspace, rows, m, args.dfreqs);
     check_last_launch("rope reduce_rows_kernel");
   }

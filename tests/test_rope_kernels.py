@@ -228,14 +228,15 @@ def test_fast_empty_sequence(backend):
 
 @needs_fast
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("inplace", [False, True])
-def test_torch_compile_fullgraph(backend, inplace):
+@pytest.mark.parametrize("inplace,learn_freqs", [(False, True), (True, True), (True, False)])
+def test_torch_compile_fullgraph(backend, inplace, learn_freqs):
     torch._dynamo.reset()
     torch.manual_seed(8)
     B, L, H, D = 2, 5, 2, 16
     leaf = _rand(B, L, 3, H, D, grad=True)
     coords = torch.randn(L, 2, device=DEVICE)
-    freqs = pf.rope_mixed_freqs(H, D).to(DEVICE).requires_grad_()
+    freqs = pf.rope_mixed_freqs(H, D).to(DEVICE).requires_grad_(learn_freqs)
+    leaves = (leaf, freqs) if learn_freqs else (leaf,)
 
     def f(leaf, freqs):
         qkv = leaf * 2.0
@@ -250,8 +251,29 @@ def test_torch_compile_fullgraph(backend, inplace):
     out, want = compiled(leaf, freqs), f(leaf, freqs)
     torch.testing.assert_close(out, want)
     g = torch.randn_like(out)
-    for a, b in zip(torch.autograd.grad(out, (leaf, freqs), g), torch.autograd.grad(want, (leaf, freqs), g)):
+    for a, b in zip(torch.autograd.grad(out, leaves, g), torch.autograd.grad(want, leaves, g)):
         torch.testing.assert_close(a, b)
+
+
+@needs_fast
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_custom_ops_pass_opcheck(backend):
+    """Schemas, fake impls (output strides included), autograd registration, AOT dispatch."""
+    from posenc_fast.ops import rope as ops
+
+    torch.manual_seed(9)
+    qkv = _rand(2, 5, 3, 2, 16)
+    q, k = qkv[:, :, 0].transpose(1, 2), qkv[:, :, 1].transpose(1, 2)  # flash-layout views
+    c = torch.randn(5, 2, device=DEVICE)
+    f, fh = torch.randn(2, 8, device=DEVICE), torch.randn(2, 2, 8, device=DEVICE)
+    cases = [
+        (ops._rope_op, (q.requires_grad_(), k, c, f.requires_grad_(), True, False, backend)),
+        (ops._rope_op, (q, None, c, fh, False, True, backend)),
+        (ops._rope_bwd_op, (q.detach(), k.detach(), q.detach(), k.detach(), c, fh, True, False, backend)),
+        (ops._rope_inplace_op, (q.detach().clone(), k.detach().clone(), c, f.detach(), True, False, backend)),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args)
 
 
 # ------------------------------------------------------------------- errors

@@ -38,43 +38,67 @@ def _angles(c_base, scl, sca, f_base, sfa, sfp, offs_l, offs_p, l_ok, p_ok,
 
 
 @triton.jit
-def _load_pairs(base, sl, sd, offs_l, offs_p, mask, P, INTERLEAVED: tl.constexpr):
+def _tile_mask(l_ok, limit, WIDTH: tl.constexpr, EVEN_P: tl.constexpr):
+    # With P a power of two only the token mask remains: constant along D, so the
+    # compiler keeps 16-byte vector accesses.
+    if EVEN_P:
+        return tl.broadcast_to(l_ok[:, None], (l_ok.shape[0], WIDTH))
+    return l_ok[:, None] & (tl.arange(0, WIDTH) < limit)[None, :]
+
+
+@triton.jit
+def _half(P, BLOCK_P: tl.constexpr, EVEN_P: tl.constexpr):
+    # Offset of the second half of a head: a compile-time constant when P is a power
+    # of two, so the second half's accesses stay vectorised too.
+    if EVEN_P:
+        return BLOCK_P
+    return P
+
+
+@triton.jit
+def _load_pairs(base, sl, sd, offs_l, offs_p, l_ok, P, INTERLEAVED: tl.constexpr, EVEN_P: tl.constexpr):
+    BLOCK_L: tl.constexpr = offs_l.shape[0]
+    BLOCK_P: tl.constexpr = offs_p.shape[0]
     if INTERLEAVED:
-        # (L, P, 2) tile of adjacent elements, split into the two halves of each pair.
-        t = tl.arange(0, 2)
-        off = offs_l[:, None, None] * sl + (2 * offs_p[None, :, None] + t[None, None, :]) * sd
-        m = mask[:, :, None] & (t < 2)[None, None, :]
-        x0, x1 = tl.split(tl.load(base + off, mask=m, other=0.0).to(tl.float32))
+        # One (L, 2P) tile contiguous along D, split in registers into the pair halves.
+        offs_d = tl.arange(0, 2 * BLOCK_P)
+        m = _tile_mask(l_ok, 2 * P, 2 * BLOCK_P, EVEN_P)
+        x = tl.load(base + offs_l[:, None] * sl + offs_d[None, :] * sd, mask=m, other=0.0).to(tl.float32)
+        x0, x1 = tl.split(tl.reshape(x, (BLOCK_L, BLOCK_P, 2)))
     else:
+        m = _tile_mask(l_ok, P, BLOCK_P, EVEN_P)
         off = offs_l[:, None] * sl + offs_p[None, :] * sd
-        x0 = tl.load(base + off, mask=mask, other=0.0).to(tl.float32)
-        x1 = tl.load(base + off + P * sd, mask=mask, other=0.0).to(tl.float32)
+        x0 = tl.load(base + off, mask=m, other=0.0).to(tl.float32)
+        x1 = tl.load(base + off + _half(P, BLOCK_P, EVEN_P) * sd, mask=m, other=0.0).to(tl.float32)
     return x0, x1
 
 
 @triton.jit
-def _store_pairs(base, sl, sd, offs_l, offs_p, mask, P, y0, y1, INTERLEAVED: tl.constexpr):
+def _store_pairs(base, sl, sd, offs_l, offs_p, l_ok, P, y0, y1, INTERLEAVED: tl.constexpr, EVEN_P: tl.constexpr):
+    BLOCK_L: tl.constexpr = offs_l.shape[0]
+    BLOCK_P: tl.constexpr = offs_p.shape[0]
     ty = base.dtype.element_ty
     if INTERLEAVED:
-        t = tl.arange(0, 2)
-        off = offs_l[:, None, None] * sl + (2 * offs_p[None, :, None] + t[None, None, :]) * sd
-        m = mask[:, :, None] & (t < 2)[None, None, :]
-        tl.store(base + off, tl.join(y0, y1).to(ty), mask=m)
+        offs_d = tl.arange(0, 2 * BLOCK_P)
+        m = _tile_mask(l_ok, 2 * P, 2 * BLOCK_P, EVEN_P)
+        y = tl.reshape(tl.join(y0, y1), (BLOCK_L, 2 * BLOCK_P))
+        tl.store(base + offs_l[:, None] * sl + offs_d[None, :] * sd, y.to(ty), mask=m)
     else:
+        m = _tile_mask(l_ok, P, BLOCK_P, EVEN_P)
         off = offs_l[:, None] * sl + offs_p[None, :] * sd
-        tl.store(base + off, y0.to(ty), mask=mask)
-        tl.store(base + off + P * sd, y1.to(ty), mask=mask)
+        tl.store(base + off, y0.to(ty), mask=m)
+        tl.store(base + off + _half(P, BLOCK_P, EVEN_P) * sd, y1.to(ty), mask=m)
 
 
 @triton.jit
 def _rotate_head(x_base, sxl, sxd, o_base, sol, sod, y_base, syl, syd, cos, sin,
-                 offs_l, offs_p, mask, P, INTERLEAVED: tl.constexpr, DFREQS: tl.constexpr):
+                 offs_l, offs_p, l_ok, P, INTERLEAVED: tl.constexpr, EVEN_P: tl.constexpr, DFREQS: tl.constexpr):
     """Rotates one head's tile; returns dangle (zeros unless DFREQS)."""
-    x0, x1 = _load_pairs(x_base, sxl, sxd, offs_l, offs_p, mask, P, INTERLEAVED)
-    _store_pairs(o_base, sol, sod, offs_l, offs_p, mask, P,
-                 x0 * cos - x1 * sin, x0 * sin + x1 * cos, INTERLEAVED)
+    x0, x1 = _load_pairs(x_base, sxl, sxd, offs_l, offs_p, l_ok, P, INTERLEAVED, EVEN_P)
+    _store_pairs(o_base, sol, sod, offs_l, offs_p, l_ok, P,
+                 x0 * cos - x1 * sin, x0 * sin + x1 * cos, INTERLEAVED, EVEN_P)
     if DFREQS:
-        y0, y1 = _load_pairs(y_base, syl, syd, offs_l, offs_p, mask, P, INTERLEAVED)
+        y0, y1 = _load_pairs(y_base, syl, syd, offs_l, offs_p, l_ok, P, INTERLEAVED, EVEN_P)
         dang = x1 * y0 - x0 * y1
     else:
         dang = tl.zeros_like(x0)
@@ -97,6 +121,33 @@ def _store_partial(part_ptr, row, acc, A, P, BLOCK_A: tl.constexpr, BLOCK_P: tl.
 
 
 @triton.jit
+def _rotate_heads(x_ptr, o_ptr, y_ptr, sxb, sxh, sxl, sxd, sob, soh, sol, sod, syb, syh, syl, syd,
+                  b, h_begin, h_end, cos, sin, acc, coords, part_ptr, part_row0, Hq,
+                  c_base, scl, sca, f_ptr, sfh, sfa, sfp, offs_l, offs_p, l_ok, p_ok, P,
+                  A: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr,
+                  INTERLEAVED: tl.constexpr, CONJ: tl.constexpr, PER_HEAD: tl.constexpr,
+                  DFREQS: tl.constexpr, EVEN_P: tl.constexpr):
+    """Heads [h_begin, h_end) of one tensor (q or k); returns the updated shared-freqs
+    d freqs accumulator (per-head partials go straight to rows part_row0 + h)."""
+    for h in range(h_begin, h_end):
+        if PER_HEAD:
+            cs, sn = _angles(c_base, scl, sca, f_ptr + h * sfh, sfa, sfp, offs_l, offs_p, l_ok, p_ok,
+                             A, CONJ, BLOCK_L, BLOCK_P)
+        else:
+            cs, sn = cos, sin
+        dang = _rotate_head(x_ptr + b * sxb + h * sxh, sxl, sxd, o_ptr + b * sob + h * soh, sol, sod,
+                            y_ptr + b * syb + h * syh, syl, syd, cs, sn, offs_l, offs_p, l_ok, P,
+                            INTERLEAVED, EVEN_P, DFREQS)
+        if DFREQS:
+            contrib = tl.sum(dang[:, None, :] * coords[:, :, None], axis=0)
+            if PER_HEAD:
+                _store_partial(part_ptr, part_row0 + h, contrib, A, P, BLOCK_A, BLOCK_P)
+            else:
+                acc += contrib
+    return acc
+
+
+@triton.jit
 def _rope_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, qy_ptr, ky_ptr, c_ptr, f_ptr, part_ptr,
                  L, P, Hq, Hk, heads_per_prog, n_hsplit, n_kinds,
                  sqb, sqh, sql, sqd, skb, skh, skl, skd,
@@ -105,7 +156,7 @@ def _rope_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, qy_ptr, ky_ptr, c_ptr, f_ptr, par
                  scb, scl, sca, sfh, sfa, sfp,
                  A: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr,
                  INTERLEAVED: tl.constexpr, CONJ: tl.constexpr, PER_HEAD: tl.constexpr,
-                 DFREQS: tl.constexpr):
+                 DFREQS: tl.constexpr, EVEN_P: tl.constexpr):
     pid_l = tl.program_id(0)
     pid_b = tl.program_id(1)
     pid_h = tl.program_id(2)
@@ -113,49 +164,33 @@ def _rope_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, qy_ptr, ky_ptr, c_ptr, f_ptr, par
     offs_p = tl.arange(0, BLOCK_P)
     l_ok = offs_l < L
     p_ok = offs_p < P
-    mask = l_ok[:, None] & p_ok[None, :]
     b = pid_b.to(tl.int64)
     c_base = c_ptr + b * scb
-    if not PER_HEAD:
+    if PER_HEAD:
+        cos, sin = 0.0, 0.0  # computed per head in _rotate_heads
+    else:
         cos, sin = _angles(c_base, scl, sca, f_ptr, sfa, sfp, offs_l, offs_p, l_ok, p_ok,
                            A, CONJ, BLOCK_L, BLOCK_P)
     if DFREQS:
         coords = _coord_tile(c_base, scl, sca, offs_l, l_ok, A, BLOCK_A)
         acc = tl.zeros((BLOCK_A, BLOCK_P), dtype=tl.float32)
-        slot = pid_b * tl.num_programs(0) + pid_l
+    else:
+        coords, acc = 0.0, 0.0
+    slot = pid_b * tl.num_programs(0) + pid_l
     # int64 head indices: head offsets of large packed tensors overflow int32.
     h_lo = pid_h.to(tl.int64) * heads_per_prog
     h_hi = tl.minimum(h_lo + heads_per_prog, Hq + Hk)
-
-    for h in range(h_lo, tl.minimum(h_hi, Hq)):
-        if PER_HEAD:
-            cos, sin = _angles(c_base, scl, sca, f_ptr + h * sfh, sfa, sfp, offs_l, offs_p, l_ok, p_ok,
-                               A, CONJ, BLOCK_L, BLOCK_P)
-        dang = _rotate_head(q_ptr + b * sqb + h * sqh, sql, sqd, qo_ptr + b * sqob + h * sqoh, sqol, sqod,
-                            qy_ptr + b * sqyb + h * sqyh, sqyl, sqyd, cos, sin, offs_l, offs_p, mask, P,
-                            INTERLEAVED, DFREQS)
-        if DFREQS:
-            contrib = tl.sum(dang[:, None, :] * coords[:, :, None], axis=0)
-            if PER_HEAD:
-                # partial rows: (slot, q or k, head)
-                _store_partial(part_ptr, (slot * n_kinds) * Hq + h, contrib, A, P, BLOCK_A, BLOCK_P)
-            else:
-                acc += contrib
-
-    for h in range(tl.maximum(h_lo, Hq) - Hq, h_hi - Hq):
-        if PER_HEAD:
-            cos, sin = _angles(c_base, scl, sca, f_ptr + h * sfh, sfa, sfp, offs_l, offs_p, l_ok, p_ok,
-                               A, CONJ, BLOCK_L, BLOCK_P)
-        dang = _rotate_head(k_ptr + b * skb + h * skh, skl, skd, ko_ptr + b * skob + h * skoh, skol, skod,
-                            ky_ptr + b * skyb + h * skyh, skyl, skyd, cos, sin, offs_l, offs_p, mask, P,
-                            INTERLEAVED, DFREQS)
-        if DFREQS:
-            contrib = tl.sum(dang[:, None, :] * coords[:, :, None], axis=0)
-            if PER_HEAD:
-                _store_partial(part_ptr, (slot * n_kinds + 1) * Hq + h, contrib, A, P, BLOCK_A, BLOCK_P)
-            else:
-                acc += contrib
-
+    # q heads [h_lo, h_hi) ∩ [0, Hq), then k heads; per-head partial rows are
+    # (slot, q or k, head).
+    acc = _rotate_heads(q_ptr, qo_ptr, qy_ptr, sqb, sqh, sql, sqd, sqob, sqoh, sqol, sqod, sqyb, sqyh, sqyl, sqyd,
+                        b, h_lo, tl.minimum(h_hi, Hq), cos, sin, acc, coords, part_ptr, slot * n_kinds * Hq, Hq,
+                        c_base, scl, sca, f_ptr, sfh, sfa, sfp, offs_l, offs_p, l_ok, p_ok, P,
+                        A, BLOCK_A, BLOCK_L, BLOCK_P, INTERLEAVED, CONJ, PER_HEAD, DFREQS, EVEN_P)
+    acc = _rotate_heads(k_ptr, ko_ptr, ky_ptr, skb, skh, skl, skd, skob, skoh, skol, skod, skyb, skyh, skyl, skyd,
+                        b, tl.maximum(h_lo, Hq) - Hq, h_hi - Hq, cos, sin, acc, coords, part_ptr,
+                        (slot * n_kinds + 1) * Hq, Hq,
+                        c_base, scl, sca, f_ptr, sfh, sfa, sfp, offs_l, offs_p, l_ok, p_ok, P,
+                        A, BLOCK_A, BLOCK_L, BLOCK_P, INTERLEAVED, CONJ, PER_HEAD, DFREQS, EVEN_P)
     if DFREQS:
         if not PER_HEAD:
             _store_partial(part_ptr, slot * n_hsplit + pid_h, acc, A, P, BLOCK_A, BLOCK_P)
@@ -212,6 +247,7 @@ def apply_rope(q, k, q_out, k_out, coords, freqs, *, interleaved: bool, conjugat
         coords.stride(0) if coords.shape[0] > 1 else 0, coords.stride(1), coords.stride(2), *fs,
         A=A, BLOCK_A=triton.next_power_of_2(A), BLOCK_L=BLOCK_L, BLOCK_P=triton.next_power_of_2(P),
         INTERLEAVED=interleaved, CONJ=conjugate, PER_HEAD=per_head, DFREQS=dfreqs,
+        EVEN_P=P == triton.next_power_of_2(P),
     )
 
 
