@@ -106,8 +106,8 @@ def test_scale_formats_are_equivalent():
 
 
 @pytest.mark.parametrize("kwargs,exc,msg", [
-    (dict(scales=[]), ValueError, "non-empty"),
-    (dict(scales=[1, 0]), ValueError, ">= 1"),
+    (dict(scales=[]), ValueError, "at least one scale"),
+    (dict(scales=[1, 0]), ValueError, "positive"),
     (dict(scales=[1.5]), TypeError, "int"),
     (dict(scales=[(2, 1, 1)]), ValueError, "t == 1"),
     (dict(scales=[1, 2], mode="nearest"), ValueError, "mode"),

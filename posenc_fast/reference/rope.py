@@ -23,34 +23,25 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
+from .pyramid import Scale
+from .pyramid import normalize_scales as _normalize_pyramid
+
 PAIRINGS = ("interleaved", "half")
 COORD_MODES = ("raw", "round", "fractional", "corner")
-
-Scale = Union[int, Tuple[int, int]]
-
-
-def _as_hw(scale, what: str) -> Tuple[int, int]:
-    if isinstance(scale, (tuple, list)) and len(scale) == 3:
-        if scale[0] != 1:  # Infinity's (t, h, w) schedule entries, images only
-            raise ValueError(f"{what}: (t, h, w) entries need t == 1, got {scale!r}")
-        scale = scale[1:]
-    if isinstance(scale, (tuple, list)) and len(scale) == 2:
-        h, w = scale
-    else:
-        h = w = scale
-    for v in (h, w):
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise TypeError(f"{what} must be an int pn or a pair (h, w) of ints, got {scale!r}")
-        if v < 1:
-            raise ValueError(f"{what} must have sides >= 1, got {scale!r}")
-    return h, w
 
 
 def normalize_scales(scales: Sequence[Scale]) -> Tuple[Tuple[int, int], ...]:
     """``[pn]``, ``[(h, w)]`` or Infinity's ``[(1, h, w)]`` -> tuple of (h, w)."""
-    if isinstance(scales, (int, torch.Tensor)) or not hasattr(scales, "__len__") or len(scales) == 0:
-        raise ValueError(f"scales must be a non-empty sequence of pn or (h, w), got {scales!r}")
-    return tuple(_as_hw(s, f"scales[{i}]") for i, s in enumerate(scales))
+    if isinstance(scales, (list, tuple)):
+        stripped = []
+        for i, s in enumerate(scales):
+            if isinstance(s, (tuple, list)) and len(s) == 3:
+                if s[0] != 1:  # Infinity's (t, h, w) schedule entries, images only
+                    raise ValueError(f"scales[{i}]: (t, h, w) entries need t == 1, got {s!r}")
+                s = tuple(s[1:])
+            stripped.append(s)
+        scales = stripped
+    return _normalize_pyramid(scales)
 
 
 def scale_offsets(scales: Sequence[Scale]) -> Tuple[int, ...]:
@@ -97,7 +88,7 @@ def pyramid_coords(scales: Sequence[Scale], *, mode: str = "raw", final: Optiona
     if mode not in COORD_MODES:
         raise ValueError(f"mode must be one of {COORD_MODES}, got {mode!r}")
     hw = normalize_scales(scales)
-    H, W = hw[-1] if final is None else _as_hw(final, "final")
+    H, W = hw[-1] if final is None else normalize_scales([final])[0]
     if corner_scale is not None and mode != "corner":
         raise ValueError(f"corner_scale is only used by mode='corner', got mode={mode!r}")
     if corner_scale is None:
