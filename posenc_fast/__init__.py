@@ -22,4 +22,7 @@ from . import integrations  # noqa: E402,F401
 __all__ = [
     "BACKENDS", "available_backends", "use_backend",
     "pyramid_pos_level_add", "PyramidPosLevelEmbedding",
+    "apply_rope", "apply_rope_", "pyramid_coords", "axial_rope_freqs", "rope_1d_freqs", "mrope_freqs",
+    "rope_mixed_freqs", "PyramidRoPE",
+    "qkv_proj",
 ]
