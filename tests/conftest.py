@@ -41,3 +41,34 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def cuda_library():
+    """The built CUDA extension module. Skips without it, except under CI
+    (POSENC_FAST_REQUIRE_CUDA_EXT=1), which builds it and so must find it."""
+    from posenc_fast import _cuda
+
+    if _cuda.load_error():
+        if os.environ.get("POSENC_FAST_REQUIRE_CUDA_EXT") == "1":
+            pytest.fail(f"the CUDA extension must be built here: {_cuda.load_error()}")
+        pytest.skip(f"CUDA extension not built: {_cuda.load_error()}")
+    return _cuda.lib()
+
+
+def capture_and_replay(step, refresh):
+    """Warms ``step()`` up on a side stream (kernel compilation, autotuning, cached
+    tables), captures it in a CUDA graph, calls ``refresh()`` to change the inputs in
+    place, replays, and returns (the replayed outputs, a fresh eager ``step()``)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = step()
+    refresh()
+    graph.replay()
+    torch.cuda.synchronize()
+    return static, step()

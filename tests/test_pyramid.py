@@ -2,14 +2,13 @@
 fast backends vs the reference (forward and backward), module, errors."""
 
 import math
-import os
 
 import pytest
 import torch
 
 import posenc_fast as pf
 from posenc_fast.reference import pyramid as ref
-from conftest import DEVICE, DTYPE_TOLERANCES, HAS_CUDA, fast_backends
+from conftest import DEVICE, DTYPE_TOLERANCES, HAS_CUDA, capture_and_replay, cuda_library, fast_backends
 
 VAR_PN = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)  # L = 680
 SMALL_PN = (1, 2, 3, 4)  # L = 30
@@ -298,19 +297,8 @@ def test_gpu_cuda_graph_capture(backend):
         out = pf.pyramid_pos_level_add(x, pos, lvl, VAR_PN, backend=backend)
         return (out,) + torch.autograd.grad(out, (pos, lvl), g)
 
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):  # warm-up: compiles kernels, caches the pyramid tables
-            step()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static = step()
-    x.data.copy_(torch.randn_like(x))
-    graph.replay()
-    torch.cuda.synchronize()
-    for a, b in zip(static, step()):
+    replayed, eager = capture_and_replay(step, lambda: x.data.copy_(torch.randn_like(x)))
+    for a, b in zip(replayed, eager):
         torch.testing.assert_close(a, b)
 
 
@@ -451,13 +439,7 @@ def test_triton_cpu_availability_follows_interpreter(monkeypatch):
 # ------------------------------------------------------------ CUDA library
 
 def test_cuda_extension_exposes_kernels():
-    from posenc_fast import _cuda
-
-    if _cuda.load_error():
-        if os.environ.get("POSENC_FAST_REQUIRE_CUDA_EXT") == "1":  # set by CI, which builds it
-            pytest.fail(f"the CUDA extension must be built here: {_cuda.load_error()}")
-        pytest.skip(f"CUDA extension not built: {_cuda.load_error()}")
-    lib = _cuda.lib()
+    lib = cuda_library()
     for fn in ("pyramid_pos_level_add_fwd", "pyramid_pos_level_add_bwd", "driver_version"):
         assert callable(getattr(lib, fn)), fn
     archs = lib.cuda_archs.split(",")

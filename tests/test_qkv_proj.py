@@ -5,7 +5,6 @@ tensors, torch.compile, errors; GPU-only checks (all dtypes, CUDA graphs,
 inductor, determinism, cuda vs triton)."""
 
 import math
-import os
 
 import pytest
 import torch
@@ -14,7 +13,7 @@ import torch.nn.functional as F
 import posenc_fast as pf
 from posenc_fast.reference import qkv_proj as ref
 from posenc_fast.reference.rope import axial_rope_freqs, pyramid_coords
-from conftest import DEVICE, HAS_CUDA, fast_backends
+from conftest import DEVICE, HAS_CUDA, capture_and_replay, cuda_library, fast_backends
 
 BACKENDS = fast_backends()
 needs_fast = pytest.mark.skipif(not BACKENDS, reason="no fast backend runs here")
@@ -288,7 +287,6 @@ def test_fast_backend_var_pyramid_odd_m(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fast_backend_non_contiguous_inputs_and_grads(backend):
     B, L, H, D = 2, 9, 3, 32
-    C = H * D
     x, w, b, kw = _case(B, L, H, D, l2norm=True, q_scale=True, rope="half")
     xt = x.detach().transpose(0, 1).contiguous().transpose(0, 1).requires_grad_()  # (B, L, C), batch innermost
     wt = w.detach().t().contiguous().t().requires_grad_()  # column-major weight
@@ -474,13 +472,7 @@ def test_cuda_backend_unavailable_raises_with_reason():
 
 
 def test_cuda_extension_exposes_kernels_and_checks_arguments():
-    from posenc_fast import _cuda
-
-    if _cuda.load_error():
-        if os.environ.get("POSENC_FAST_REQUIRE_CUDA_EXT") == "1":  # set by CI, which builds it
-            pytest.fail(f"the CUDA extension must be built here: {_cuda.load_error()}")
-        pytest.skip(f"CUDA extension not built: {_cuda.load_error()}")
-    lib = _cuda.lib()
+    lib = cuda_library()
     assert lib.qkv_proj_bwd_rows_per_chunk() > 0
     rope = ([0, 0, 0], 0, [0, 0], 0, False)
     # Argument errors from the C++ core arrive as ValueError before any CUDA call.
@@ -548,20 +540,16 @@ def test_gpu_inductor_fullgraph(backend):
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 def test_gpu_cuda_graph_capture(backend):
     x, w, b, kw = _case(2, 64, 4, 64, dtype=torch.bfloat16, l2norm=True, q_scale=True, rope="interleaved")
-    x, w, b = x.detach(), w.detach(), b.detach()
-    kw = {k: (v.detach() if torch.is_tensor(v) else v) for k, v in kw.items()}
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):  # warm-up: compiles and autotunes the kernels
-            pf.qkv_proj(x, w, b, backend=backend, **kw)
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    g = [torch.randn(2, 4, 64, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
+    leaves = (x, w, b, kw["q_scale"], kw["freqs"])
+
+    def step():
         outs = pf.qkv_proj(x, w, b, backend=backend, **kw)
-    x.copy_(torch.randn_like(x))
-    graph.replay()
-    torch.cuda.synchronize()
+        return tuple(outs) + torch.autograd.grad(outs, leaves, g)
+
+    replayed, eager = capture_and_replay(step, lambda: x.data.copy_(torch.randn_like(x)))
     want = pf.qkv_proj(x, w, b, backend="reference", **kw)
-    for o, r in zip(outs, want):
+    for o, r in zip(replayed[:3], want):
         _close(o, r, TOL[torch.bfloat16][0], "out")
+    for a, r in zip(replayed, eager):
+        torch.testing.assert_close(a, r)

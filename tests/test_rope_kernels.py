@@ -2,14 +2,13 @@
 forward and backward (q, k, d freqs), dtypes, strided views, in place, scale rows,
 torch.compile, argument errors. Triton runs under the interpreter on CPU."""
 
-import os
 
 import pytest
 import torch
 
 import posenc_fast as pf
 from posenc_fast.reference import rope as ref
-from conftest import DEVICE, DTYPE_TOLERANCES, HAS_CUDA, fast_backends
+from conftest import DEVICE, DTYPE_TOLERANCES, HAS_CUDA, capture_and_replay, cuda_library, fast_backends
 
 BACKENDS = fast_backends()
 needs_fast = pytest.mark.skipif(not BACKENDS, reason="no fast backend runs here")
@@ -327,13 +326,7 @@ def test_fused_limits(backend):
 # ----------------------------------------------------------- CUDA library
 
 def test_cuda_extension_exposes_rope():
-    from posenc_fast import _cuda
-
-    if _cuda.load_error():
-        if os.environ.get("POSENC_FAST_REQUIRE_CUDA_EXT") == "1":
-            pytest.fail(f"the CUDA extension must be built here: {_cuda.load_error()}")
-        pytest.skip(f"CUDA extension not built: {_cuda.load_error()}")
-    lib = _cuda.lib()
+    lib = cuda_library()
     assert lib.rope_workspace_floats(0, 2, 2, 10, 64, 2, False) == 0
     assert lib.rope_workspace_floats(2, 2, 2, 10, 64, 2, True) % (2 * 32) == 0
     s4 = [0, 0, 0, 1]
@@ -388,19 +381,8 @@ def test_gpu_cuda_graph_capture(backend):
         qo, ko = pf.apply_rope(q, k, coords, freqs, backend=backend)
         return (qo, ko) + torch.autograd.grad((qo, ko), (q, k, freqs), (g, g))
 
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static = step()
-    q.data.copy_(torch.randn_like(q))
-    graph.replay()
-    torch.cuda.synchronize()
-    for a, b in zip(static, step()):
+    replayed, eager = capture_and_replay(step, lambda: q.data.copy_(torch.randn_like(q)))
+    for a, b in zip(replayed, eager):
         torch.testing.assert_close(a, b)
 
 
