@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# The whole GPU check in one call: install offline, environment report + demo, the
-# GPU test suite, the benchmarks. Logs and JSON land in the folder given.
-#   usage: bench/gpu_suite.sh OUT_DIR [pytest -k expression for the benchmarks]
-# On the lent GPU machine: bash bench/gpu_suite.sh "$OUT"
+# The whole GPU check: install offline, environment report + demo, the GPU test
+# suite, the benchmarks. Logs and JSON land in the folder given.
+#   usage: bench/gpu_suite.sh OUT_DIR [all|tests|bench] [pytest -k expression for the benchmarks]
+# On the lent GPU machine (10 minutes a command): bash bench/gpu_suite.sh "$OUT" tests,
+# then bash bench/gpu_suite.sh "$OUT" bench "pyramid or rope", ... if `all` does not fit.
 set -uo pipefail
-out=${1:?usage: bench/gpu_suite.sh OUT_DIR [bench -k filter]}
-bench_filter=${2:-}
+out=${1:?usage: bench/gpu_suite.sh OUT_DIR [all|tests|bench] [bench -k filter]}
+stage=${2:-all}
+bench_filter=${3:-}
+case "$stage" in all|tests|bench) ;; *) echo "stage must be all, tests or bench, got $stage" >&2; exit 2;; esac
 mkdir -p "$out"
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
