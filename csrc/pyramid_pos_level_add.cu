@@ -104,9 +104,12 @@ int num_sms(int device) {
 template <typename TX, typename TO>
 void launch_fwd(const PyramidAddFwdArgs& a, int device, cudaStream_t stream) {
   constexpr int kVec = 16 / sizeof(TX);
-  const auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
+  const auto aligned = [](const void* p, size_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; };
+  // The out pack is kVec elements of TO: 32 bytes for 16-bit x with fp32 out, which
+  // sm_100+ stores with one 32-byte instruction, so out needs that alignment too.
   const bool vec = a.x_stride[2] == 1 && a.C % kVec == 0 && a.x_stride[0] % kVec == 0 &&
-                   a.x_stride[1] % kVec == 0 && aligned(a.x) && aligned(a.out);
+                   a.x_stride[1] % kVec == 0 && aligned(a.x, alignof(Pack<TX, kVec>)) &&
+                   aligned(a.out, alignof(Pack<TO, kVec>));
   const int vec_width = vec ? kVec : 1;
   const int64_t lanes = (a.C + vec_width - 1) / vec_width;
   const int bx = static_cast<int>(std::min<int64_t>(128, ((lanes + 31) / 32) * 32));
@@ -173,9 +176,10 @@ __global__ void pyramid_add_bwd_levels_kernel(const PyramidAddBwdArgs a) {
 }  // namespace
 
 void pyramid_pos_level_add_fwd(const PyramidAddFwdArgs& a, int device, cudaStream_t stream) {
-  POSENC_CHECK_ARG(a.x && a.lvl && a.token_meta && a.out, "pyramid_pos_level_add_fwd: null pointer");
   POSENC_CHECK_ARG(a.B >= 0 && a.n >= 0 && a.C > 0 && a.start >= 0, "pyramid_pos_level_add_fwd: bad sizes");
+  // Empty x / out have null data pointers: nothing to do, and no error.
   if (a.B == 0 || a.n == 0) return;
+  POSENC_CHECK_ARG(a.x && a.lvl && a.token_meta && a.out, "pyramid_pos_level_add_fwd: null pointer");
   set_device(device);
   dispatch_dtype(a.x_dtype, "x", [&](auto tx) {
     using TX = decltype(tx);
@@ -187,9 +191,13 @@ void pyramid_pos_level_add_fwd(const PyramidAddFwdArgs& a, int device, cudaStrea
 }
 
 void pyramid_pos_level_add_bwd(const PyramidAddBwdArgs& a, int device, cudaStream_t stream) {
-  POSENC_CHECK_ARG(a.grad && a.dlvl && a.chunks && a.level_chunk_offsets && a.partial,
+  POSENC_CHECK_ARG(a.B >= 0 && a.n >= 0 && a.C > 0 && a.S > 0 && a.num_chunks >= 0,
+                   "pyramid_pos_level_add_bwd: bad sizes");
+  // An empty grad (B or n zero) and the chunk tables of an empty window have null
+  // data pointers; dlvl (zeros) and the dpos rows are still written.
+  POSENC_CHECK_ARG(a.dlvl && a.level_chunk_offsets && (a.B * a.n == 0 || a.grad) &&
+                       (a.num_chunks == 0 || (a.chunks && a.partial)),
                    "pyramid_pos_level_add_bwd: null pointer");
-  POSENC_CHECK_ARG(a.B >= 0 && a.n >= 0 && a.C > 0 && a.S > 0, "pyramid_pos_level_add_bwd: bad sizes");
   set_device(device);
   if (a.num_chunks > 0) {
     dispatch_dtype(a.grad_dtype, "grad", [&](auto tg) {
