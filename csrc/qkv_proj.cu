@@ -334,10 +334,11 @@ void dispatch_ppl(int64_t D, F&& f) {
 
 void qkv_proj_fwd(const QkvProjFwdArgs& a, int device, cudaStream_t stream) {
   check_common(a.B, a.L, a.H, a.D, a.rope, "qkv_proj_fwd");
-  POSENC_CHECK_ARG(a.qkv && a.q && a.k && a.v, "qkv_proj_fwd: qkv, q, k and v must be non-null");
-  POSENC_CHECK_ARG(a.qkv_row_stride >= 3 * a.H * a.D, "qkv_proj_fwd: qkv_row_stride must be >= 3 * H * D");
+  // Empty tensors (B or L zero) have null data pointers: nothing to do, and no error.
   const int64_t warps = a.B * a.L * 3 * a.H;
   if (warps == 0) return;
+  POSENC_CHECK_ARG(a.qkv && a.q && a.k && a.v, "qkv_proj_fwd: qkv, q, k and v must be non-null");
+  POSENC_CHECK_ARG(a.qkv_row_stride >= 3 * a.H * a.D, "qkv_proj_fwd: qkv_row_stride must be >= 3 * H * D");
   set_device(device);
   dispatch_dtype(a.dtype, "qkv", [&](auto tag) {
     using T = decltype(tag);
@@ -356,11 +357,12 @@ int64_t qkv_proj_bwd_rows_per_chunk() { return kBwdRowsPerChunk; }
 
 void qkv_proj_bwd(const QkvProjBwdArgs& a, int device, cudaStream_t stream) {
   check_common(a.B, a.L, a.H, a.D, a.rope, "qkv_proj_bwd");
+  // Empty tensors (B or L zero) have null data pointers: nothing to do, and no error.
+  const int64_t M = a.B * a.L;
+  if (M == 0) return;
   POSENC_CHECK_ARG(a.dq && a.dk && a.dv && a.dqkv, "qkv_proj_bwd: dq, dk, dv and dqkv must be non-null");
   POSENC_CHECK_ARG(!(a.rstd || a.q_scale || a.rope.coords) || (a.q && a.k),
                    "qkv_proj_bwd: the forward outputs q and k are needed with l2 norm, q_scale or rope");
-  const int64_t M = a.B * a.L;
-  if (M == 0) return;
   const int64_t chunks = (M + kBwdRowsPerChunk - 1) / kBwdRowsPerChunk;
   POSENC_CHECK_ARG(3 * a.H <= 65535, "qkv_proj_bwd: 3 * num_heads must be <= 65535");
   set_device(device);
