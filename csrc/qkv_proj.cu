@@ -75,7 +75,9 @@ __device__ __forceinline__ void pair_dims(int p, int D, bool half, int& d0, int&
 // angle = sum_a coords[b, l, a] * freqs[h, a, j], fp32.
 __device__ __forceinline__ float rope_angle(const float* c, const float* f, const QkvRopeArgs& r) {
   float ang = 0.f;
-  for (int a = 0; a < r.num_axes; ++a) ang += c[a * r.coords_stride[2]] * f[a * r.freqs_stride[1]];
+  // Explicit rounding (no FMA contraction): the same angle as the reference and apply_rope.
+  for (int a = 0; a < r.num_axes; ++a)
+    ang = __fadd_rn(ang, __fmul_rn(c[a * r.coords_stride[2]], f[a * r.freqs_stride[1]]));
   return ang;
 }
 
