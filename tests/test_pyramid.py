@@ -243,6 +243,18 @@ def test_fast_backend_non_square_scales_and_frozen_tables(backend):
 
 @needs_fast
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("B,start,n", [(0, 0, 30), (2, 5, 0)])
+def test_fast_backend_empty_batch_or_window(backend, B, start, n):
+    x = _rand(B, n, 8, grad=True)
+    pos, lvl = _rand(30, 8, grad=True), _rand(4, 8, grad=True)
+    out = pf.pyramid_pos_level_add(x, pos, lvl, SMALL_PN, start=start, backend=backend)
+    assert out.shape == (B, n, 8)
+    dpos, dlvl = torch.autograd.grad(out, (pos, lvl), torch.randn_like(out))
+    assert torch.equal(dpos, torch.zeros_like(pos)) and torch.equal(dlvl, torch.zeros_like(lvl))
+
+
+@needs_fast
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_fast_backend_backward_is_deterministic(backend):
     x = _rand(5, 680, 24, dtype=torch.bfloat16, grad=True)
     pos, lvl = _rand(680, 24, grad=True), _rand(len(VAR_PN), 24, grad=True)
@@ -367,6 +379,7 @@ def _good():
 
 @pytest.mark.parametrize("change,exc,msg", [
     (dict(x=torch.randn(30, 8)), ValueError, "x must have 3 dimensions"),
+    (dict(x=torch.randn(2, 30, 0), pos=None, lvl=torch.randn(4, 0)), ValueError, "at least one channel"),
     (dict(x=torch.randint(0, 3, (2, 30, 8))), TypeError, "x must have dtype"),
     (dict(x=[[1.0]]), TypeError, "x must be a torch.Tensor"),
     (dict(pos=torch.randn(2, 30, 8)), ValueError, r"pos must be \(L, C\) or \(1, L, C\)"),

@@ -167,6 +167,8 @@ def _validate(x, pos, lvl, patch_nums, start, pos_weight, sincos_weight):
     scales = normalize_scales(patch_nums)
     L, S = pyramid_length(scales), len(scales)
     B, n, C = x.shape
+    if C == 0:
+        raise ValueError(f"x must have at least one channel, got shape {tuple(x.shape)}")
     if pos is not None:
         if pos.dim() == 3 and pos.shape[0] != 1:
             raise ValueError(f"pos must be (L, C) or (1, L, C), got shape {tuple(pos.shape)}")
