@@ -1,0 +1,527 @@
+"""The CUDA kernels (csrc/*.cu) run on the CPU under host emulation, against the reference.
+
+CI has no GPU, so the CUDA backend would otherwise be compiled but never executed
+there. Here each op family's .cu file is rewritten into host C++
+(tests/cuda_emulation/prep.py) and compiled with g++ together with the family's
+real pybind11 binding (csrc/bindings/<family>.cpp) and the emulation header
+(tests/cuda_emulation/emu.h): a module with exactly the API of ``posenc_fast._C``.
+The tests point ``posenc_fast._cuda.lib`` at it and call the ops' custom ops with
+backend "cuda" on CPU tensors, forward and backward through the registered autograd,
+so the op layer (strides, workspaces, dtype codes, output allocation) is exercised
+together with the kernels.
+
+What this verifies: the kernels' index arithmetic, tiling and launch configuration
+(grid/block limits, shared-memory size), every template variant a configuration
+selects (the tests assert which ran: vector vs scalar paths, pairs per lane), the
+math in fp32 with the CUDA toolkit's own fp16/bf16 conversions, output coverage
+(outputs are NaN-poisoned), run-to-run determinism of the reductions, and:
+* barriers: the threads of a block run concurrently and meet at real barriers;
+  static __shared__ arrays record their last writer and readers per barrier
+  interval, so a missing __syncthreads (read-after-write or write-after-read
+  between threads), a read of an element no thread wrote, or two writers are
+  reported deterministically, whatever order the host threads ran in;
+* full-warp shuffles (a shuffle with a partial mask or exited lanes is an error);
+* misaligned vector accesses: every reinterpret_cast checks the alignment of its
+  target type, where the GPU would fault;
+* out-of-bounds indexing of fixed-size arrays, shared memory included
+  (-fsanitize=bounds,alignment; a sanitizer report fails the test).
+Emulator errors surface as the RuntimeError of posenc::check_last_launch.
+
+What it cannot verify: timing and performance; the GPU memory model beyond
+barrier semantics (races between blocks, global-memory races, fences, atomics:
+blocks run one at a time); dynamic (extern) shared memory gets the NaN fill but no
+race checks; warp-divergence subtleties (independent thread scheduling, shuffles
+with partial masks, which are reported rather than modelled); device math that
+differs from glibc's (sincosf/expf ulp differences are inside the tolerances);
+register/occupancy limits and __launch_bounds__.
+
+The build is cached in a temporary directory keyed by a hash of every input.
+Without g++ or the CUDA headers the tests skip, except under
+POSENC_FAST_REQUIRE_CUDA_EXT=1 (CI), where that is a failure. POSENC_FAST_EMU_CSRC
+points the build at another csrc/ tree (to check that a planted bug is caught).
+"""
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+from posenc_fast import _cuda
+from posenc_fast.ops import pyramid as P
+from posenc_fast.ops import qkv_proj as Q
+from posenc_fast.ops import rope as R
+from posenc_fast.reference import pyramid as pyr_ref
+from posenc_fast.reference import qkv_proj as qkv_ref
+from posenc_fast.reference import rope as rope_ref
+
+ROOT = Path(__file__).resolve().parents[1]
+EMU = Path(__file__).resolve().parent / "cuda_emulation"
+CSRC = Path(os.environ.get("POSENC_FAST_EMU_CSRC", ROOT / "csrc")).resolve()
+FAMILIES = {  # family -> (.cu file, binding function)
+    "pyramid": ("pyramid_pos_level_add", "bind_pyramid_pos_level_add"),
+    "rope": ("rope", "bind_rope"),
+    "qkv_proj": ("qkv_proj", "bind_qkv_proj"),
+}
+CXXFLAGS = ["-std=c++20", "-O1", "-fPIC", "-pthread", "-fsanitize=alignment,bounds", "-w"]
+# Read here, not in the build threads: sysconfig's lazy initialisation is not thread-safe.
+EXT_SUFFIX = sysconfig.get_config_var("EXT_SUFFIX")
+PYTHON_INCLUDE = sysconfig.get_paths()["include"]
+_CTYPE = {torch.float32: "float", torch.float16: "__half", torch.bfloat16: "__nv_bfloat16"}
+FWD_TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+# ------------------------------------------------------------------ build
+
+def _cuda_include():
+    for base in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if base and (Path(base) / "include" / "cuda_fp16.h").is_file():
+            return Path(base) / "include"
+    return None
+
+
+def _missing_toolchain():
+    cxx = os.environ.get("CXX", "g++")
+    if not shutil.which(cxx):
+        return f"no C++ compiler ({cxx}) on PATH"
+    if _cuda_include() is None:
+        return "no CUDA headers (cuda_fp16.h) under $CUDA_HOME, $CUDA_PATH or /usr/local/cuda"
+    try:
+        import pybind11  # noqa: F401
+    except ImportError:
+        return "pybind11 is not installed (pip install pybind11)"
+    return None
+
+
+def _compile_jobs(family, src_cpp, build):
+    import pybind11
+
+    cu, bind = FAMILIES[family]
+    includes = [CSRC, CSRC / "include", CSRC / "bindings", _cuda_include(),
+                Path(PYTHON_INCLUDE), Path(pybind11.get_include())]
+    flags = CXXFLAGS + ["-include", str(EMU / "emu.h")] + [f"-I{p}" for p in includes]
+    module_defs = [f"-DPOSENC_EMU_MODULE=posenc_emu_{family}", f"-DPOSENC_EMU_BIND={bind}"]
+    return [
+        [*flags, "-c", str(src_cpp), "-o", str(build / "kernels.o")],
+        [*flags, "-c", str(CSRC / "bindings" / f"{bind[5:]}.cpp"), "-o", str(build / "binding.o")],
+        [*flags, *module_defs, "-c", str(EMU / "module.cpp"), "-o", str(build / "module.o")],
+    ]
+
+
+def _cache_key(family):
+    cu, bind = FAMILIES[family]
+    h = hashlib.sha256()
+    inputs = [EMU / "emu.h", EMU / "prep.py", EMU / "module.cpp", CSRC / f"{cu}.cu",
+              CSRC / "bindings" / f"{bind[5:]}.cpp", CSRC / "bindings" / "bindings.h", CSRC / "device_utils.cuh",
+              *sorted((CSRC / "include" / "posenc_fast").glob("*.h"))]
+    for p in inputs:
+        h.update(str(p).encode() + b"\0" + p.read_bytes() + b"\0")
+    cxx = os.environ.get("CXX", "g++")
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
+    h.update("\0".join([cxx, version, sys.version, str(_cuda_include()), *CXXFLAGS]).encode())
+    return h.hexdigest()[:20]
+
+
+# One compiler process per core at a time (each needs a few hundred MB for pybind11).
+_COMPILE_SLOTS = threading.BoundedSemaphore(max(2, os.cpu_count() or 2))
+
+
+def _compile(cmd):
+    with _COMPILE_SLOTS:
+        return subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _build(family):
+    """Path of the emulated extension of ``family``, built unless cached."""
+    cxx = os.environ.get("CXX", "g++")
+    cache = Path(tempfile.gettempdir()) / "posenc_fast_cuda_emulation" / f"{family}-{_cache_key(family)}"
+    target = cache / f"posenc_emu_{family}{EXT_SUFFIX}"
+    if target.is_file():
+        return target
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    build = Path(tempfile.mkdtemp(prefix=f"{family}-", dir=cache.parent))
+    src_cpp = build / "kernels.cpp"
+    with src_cpp.open("w") as f:
+        subprocess.run([sys.executable, str(EMU / "prep.py"), str(CSRC / f"{FAMILIES[family][0]}.cu")],
+                       stdout=f, check=True)
+    with ThreadPoolExecutor(3) as pool:
+        results = list(pool.map(_compile, [[cxx, *job] for job in _compile_jobs(family, src_cpp, build)]))
+    failed = [r.stdout for r in results if r.returncode]
+    if failed:
+        raise RuntimeError(f"emulated {family} build failed:\n" + "\n".join(failed)[-6000:])
+    out = build / target.name
+    objects = [str(o) for o in sorted(build.glob("*.o"))]
+    link = subprocess.run([cxx, "-shared", "-pthread", "-fsanitize=alignment,bounds", *objects, "-o", str(out)],
+                          capture_output=True, text=True)
+    if link.returncode:
+        raise RuntimeError(f"emulated {family} link failed:\n{link.stderr[-6000:]}")
+    try:
+        build.rename(cache)  # atomic: a concurrent session may have won, then use its build
+    except OSError:
+        shutil.rmtree(build, ignore_errors=True)
+    return target
+
+
+@pytest.fixture(scope="session")
+def sanitizer_dir(tmp_path_factory):
+    """Sanitizer reports go to a file here (report.<pid>, kept open and appended to by
+    the runtime), which every test checks for growth."""
+    return tmp_path_factory.mktemp("sanitizer")
+
+
+@pytest.fixture(scope="session")
+def emu_builds():
+    """Builds the three families in parallel threads (their compiles share one slot
+    per core); family -> module path, or the exception."""
+    why = _missing_toolchain()
+    if why:
+        if os.environ.get("POSENC_FAST_REQUIRE_CUDA_EXT") == "1":
+            pytest.fail(f"the CUDA emulation build must run here: {why}")
+        pytest.skip(f"CUDA emulation not possible: {why}")
+    results = {}
+
+    def run(family):
+        try:
+            results[family] = _build(family)
+        except Exception as exc:  # reported by the family's fixture
+            results[family] = exc
+
+    threads = [threading.Thread(target=run, args=(f,)) for f in FAMILIES]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+_MODULES = {}
+
+
+class _EmulatedLib:
+    """The emulated module in place of ``posenc_fast._C``: CPU tensors have device
+    index None, which the bindings (ints) get as device 0."""
+
+    def __init__(self, module):
+        self._module = module
+
+    def __getattr__(self, name):
+        fn = getattr(self._module, name)
+
+        def call(*args):
+            if len(args) >= 2 and args[-2] is None:
+                args = args[:-2] + (0, args[-1])
+            return fn(*args)
+
+        return call
+
+
+def _sanitizer_output(directory):
+    return "".join(p.read_text(errors="replace") for p in sorted(directory.iterdir()))
+
+
+def _use(family, emu_builds, sanitizer_dir, monkeypatch):
+    result = emu_builds[family]
+    if isinstance(result, Exception):
+        pytest.fail(str(result))
+    if family not in _MODULES:
+        spec = importlib.util.spec_from_file_location(f"posenc_emu_{family}", result)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        module.emu_set_report_path(str(sanitizer_dir / "report"))
+        _MODULES[family] = module
+    module = _MODULES[family]
+    module.emu_take_kernels()
+    module.emu_set_num_sms(132)
+    monkeypatch.setattr(_cuda, "lib", lambda: _EmulatedLib(module))
+    monkeypatch.setattr(_cuda, "stream", lambda device: 0)
+    before = len(_sanitizer_output(sanitizer_dir))
+    yield module
+    reports = _sanitizer_output(sanitizer_dir)[before:]
+    assert not reports, f"sanitizer reports from the emulated kernels:\n{reports[-4000:]}"
+
+
+@pytest.fixture
+def emu_pyramid(emu_builds, sanitizer_dir, monkeypatch):
+    yield from _use("pyramid", emu_builds, sanitizer_dir, monkeypatch)
+
+
+@pytest.fixture
+def emu_rope(emu_builds, sanitizer_dir, monkeypatch):
+    yield from _use("rope", emu_builds, sanitizer_dir, monkeypatch)
+
+
+@pytest.fixture
+def emu_qkv(emu_builds, sanitizer_dir, monkeypatch):
+    yield from _use("qkv_proj", emu_builds, sanitizer_dir, monkeypatch)
+
+
+def _close(got, exp, tol, what):
+    """|got - exp| <= tol * max(1, max|exp|), in float64, no NaN (poisoned outputs)."""
+    got, exp = got.double(), exp.double()
+    assert got.shape == exp.shape, f"{what}: shape {tuple(got.shape)} != {tuple(exp.shape)}"
+    has_nan = bool(torch.isnan(got).any())
+    assert not has_nan, f"{what}: NaN (an element was not written?)"
+    scale = max(1.0, exp.abs().max().item()) if exp.numel() else 1.0
+    err = (got - exp).abs().max().item() if exp.numel() else 0.0
+    assert err <= tol * scale, f"{what}: max error {err:.3g} > {tol:.3g} * {scale:.3g}"
+
+
+def _ran(module, *fragments):
+    """Asserts that kernels whose names contain each fragment ran since the last call."""
+    names = module.emu_take_kernels()
+    for frag in fragments:
+        assert any(frag in n for n in names), f"no kernel matching {frag!r} ran; ran: {names}"
+
+
+# ---------------------------------------------------------------- pyramid
+
+f32, f16, bf16 = torch.float32, torch.float16, torch.bfloat16
+SMALL = [1, 2, 3]                   # L = 14, square levels
+RECT = [(1, 1), (2, 3), (3, 5)]     # L = 22, rectangular levels
+
+
+def _pyr_x(B, n, C, dtype, layout):
+    if layout == "contig":
+        return torch.randn(B, n, C, dtype=dtype)
+    if layout == "transposed":
+        return torch.randn(n, B, C, dtype=dtype).transpose(0, 1)
+    if layout == "chstride":  # channel stride 2
+        return torch.randn(B, n, 2 * C, dtype=dtype)[..., ::2]
+    if layout == "misaligned":  # unit stride, rows not 16-byte aligned
+        return torch.randn(B, n, C + 1, dtype=dtype)[..., 1:]
+    if layout == "offset":  # vector-friendly strides, data pointer 1 element past 16-byte alignment
+        return torch.randn(B * n * C + 1, dtype=dtype)[1:].view(B, n, C)
+    assert layout == "wide"  # aligned rows, row stride != C
+    return torch.randn(B, n, C + 16, dtype=dtype)[..., :C]
+
+
+# id: scales, B, C, (x, pos, lvl dtypes), window, x layout, pos table, (pos_weight, sincos_weight),
+#     SMs, grad transposed, expected forward variant
+PYRAMID_CASES = {
+    "fp32-oddC": (SMALL, 3, 37, (f32, f32, f32), "full", "contig", "rows", (1.0, 0.0), 132, False, "VEC = 1"),
+    "fp32-vec-window": (RECT, 2, 40, (f32, f32, f32), "mid", "wide", "cols", (0.7, 0.3), 1, True, "VEC = 4"),
+    "fp16-vec-B5": (SMALL, 5, 64, (f16, f16, f16), "full", "contig", "rows", (1.0, 1.0), 1, False, "VEC = 8"),
+    "fp16-misaligned": (RECT, 2, 64, (f16, f16, f16), "level", "misaligned", "rows", (1.0, 0.0), 132, True,
+                        "VEC = 1"),
+    "bf16-vec-nopos": (RECT, 1, 24, (bf16, bf16, bf16), "level", "contig", None, (1.0, 1.0), 132, False,
+                       "VEC = 8"),
+    "bf16-chstride": (SMALL, 3, 38, (bf16, bf16, bf16), "mid", "chstride", "cols", (0.7, 0.3), 132, True,
+                      "VEC = 1"),
+    "mixed-bf16x-fp32tables-vec": (RECT, 3, 64, (bf16, f32, f32), "full", "transposed", "rows", (0.7, 0.3), 1,
+                                   False, "VEC = 8"),
+    "mixed-fp16x-bf16pos": (SMALL, 2, 38, (f16, bf16, f32), "full", "contig", "rows", (1.0, 1.0), 132, True,
+                            "VEC = 1"),
+    "bf16-offset": (SMALL, 2, 64, (bf16, bf16, bf16), "full", "offset", "rows", (1.0, 0.5), 132, False, "VEC = 1"),
+    "sincos-only-C2": (RECT, 3, 2, (f32, f32, f32), "full", "contig", None, (1.0, 1.0), 132, False, "VEC = 1"),
+}
+
+
+@pytest.mark.parametrize("case", list(PYRAMID_CASES))
+def test_pyramid(emu_pyramid, case):
+    scales, B, C, (xdt, pdt, ldt), window, layout, pos_kind, (pw, sw), sms, grad_t, variant = PYRAMID_CASES[case]
+    torch.manual_seed(len(case))
+    emu_pyramid.emu_set_num_sms(sms)  # 1 SM: the batch is split over grid.z
+    sc = pyr_ref.normalize_scales(scales)
+    L = pyr_ref.pyramid_length(sc)
+    start, n = {"full": (0, L), "mid": (3, L - 5), "level": (L - sc[-1][0] * sc[-1][1], sc[-1][0] * sc[-1][1])}[window]
+    x = _pyr_x(B, n, C, xdt, layout).requires_grad_()
+    pos = None
+    if pos_kind == "rows":
+        pos = torch.randn(L, C, dtype=pdt).requires_grad_()
+    elif pos_kind == "cols":  # column-major table
+        pos = torch.randn(C, L, dtype=pdt).t().requires_grad_()
+    lvl = torch.randn(len(sc), C, dtype=ldt).requires_grad_()
+
+    out = P._fwd_op(x, pos, lvl, P._flat(sc), start, pw, sw, "cuda")
+    _ran(emu_pyramid, variant)
+    exp = pyr_ref.pyramid_pos_level_add(x, pos, lvl, sc, start=start, pos_weight=pw, sincos_weight=sw)
+    assert out.dtype == exp.dtype
+    _close(out, exp, FWD_TOL[out.dtype], "out")
+
+    g = torch.randn(n, B, C, dtype=out.dtype).transpose(0, 1) if grad_t else torch.randn(B, n, C, dtype=out.dtype)
+    leaves = [t for t in (x, pos, lvl) if t is not None]
+    got = torch.autograd.grad(out, leaves, g)
+    _ran(emu_pyramid, "pyramid_add_bwd_rows_kernel", "pyramid_add_bwd_levels_kernel")
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    rx, rp, rl = ref_leaves[0], (ref_leaves[1] if pos is not None else None), ref_leaves[-1]
+    o = pyr_ref.pyramid_pos_level_add(rx, rp, rl, sc, start=start, pos_weight=pw, sincos_weight=sw)
+    exp_grads = torch.autograd.grad(o, ref_leaves, g.double())
+    for name, leaf, a, e in zip(("dx", "dpos", "dlvl") if pos is not None else ("dx", "dlvl"), leaves, got,
+                                exp_grads):
+        assert a.dtype == leaf.dtype and a.shape == leaf.shape, name
+        # dlvl sums up to B * n values, rounded once to its dtype
+        _close(a, e, FWD_TOL[leaf.dtype] * (4 if name == "dlvl" else 1), name)
+
+    # The reductions have a fixed order: bitwise identical from run to run.
+    again = torch.autograd.grad(P._fwd_op(x, pos, lvl, P._flat(sc), start, pw, sw, "cuda"), leaves, g)
+    for a, b in zip(got, again):
+        assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------- rope
+
+def _rope_qk(B, H, L, D, dtype, layout):
+    if layout == "BHLD":
+        return torch.randn(B, H, L, D, dtype=dtype)
+    if layout == "BLHD":  # attention's usual storage, viewed as (B, H, L, D)
+        return torch.randn(B, L, H, D, dtype=dtype).transpose(1, 2)
+    assert layout == "Dstride"  # no unit stride along D: scalar path
+    return torch.randn(B, H, L, 2 * D, dtype=dtype)[..., ::2]
+
+
+# id: dtype, interleaved, B, Hq, Hk (0: k None), L, D, axes, per-head freqs, per-batch coords, layout,
+#     expected vector flag of the forward kernel
+ROPE_CASES = {
+    "fp32-interleaved-shared": (f32, True, 2, 2, 2, 20, 64, 2, False, False, "BHLD", "VEC = true"),
+    "bf16-half-perhead-BLHD": (bf16, False, 2, 3, 3, 13, 32, 2, True, True, "BLHD", "VEC = true"),
+    "fp16-interleaved-knone-3axes": (f16, True, 1, 3, 0, 37, 128, 3, True, False, "BHLD", "VEC = true"),
+    "fp32-half-GQA-batchcoords": (f32, False, 3, 4, 1, 9, 48, 2, False, True, "BLHD", "VEC = true"),
+    "bf16-interleaved-Dstride": (bf16, True, 2, 2, 1, 11, 16, 1, False, False, "Dstride", "VEC = false"),
+    # 350 token blocks: 2 heads per block instead of 1 (sincos reused across heads)
+    "fp32-interleaved-D512-grouped-heads": (f32, True, 1, 2, 2, 2800, 512, 2, False, False, "BHLD", "VEC = true"),
+    "fp32-half-odd-pairs": (f32, False, 1, 2, 2, 7, 6, 4, True, True, "BHLD", "VEC = false"),
+}
+
+
+@pytest.mark.parametrize("case", list(ROPE_CASES))
+def test_rope(emu_rope, case):
+    dtype, inter, B, Hq, Hk, L, D, A, per_head, batch_coords, layout, variant = ROPE_CASES[case]
+    torch.manual_seed(len(case))
+    pairing = "interleaved" if inter else "half"
+    q = _rope_qk(B, Hq, L, D, dtype, layout).requires_grad_()
+    k = _rope_qk(B, Hk, L, D, dtype, layout).requires_grad_() if Hk else None
+    coords = torch.randn(B, L, A) * 5 if batch_coords else torch.randn(L, A) * 5
+    freqs = (torch.rand(Hq, A, D // 2) if per_head else torch.rand(A, D // 2)).requires_grad_()
+    tol = FWD_TOL[dtype]
+
+    if "grouped" in case:  # the d freqs workspace has one row set per group of heads
+        rows = emu_rope.rope_workspace_floats(B, Hq, Hk, L, D, A, per_head) // (A * D // 2)
+        assert rows < -(-L // 8) * B * (Hq + Hk), "heads are not grouped: the case lost its point"
+    qo, ko = R._rope_op(q, k, coords, freqs, inter, False, "cuda")
+    _ran(emu_rope, variant)
+    eq, ek = rope_ref.apply_rope(q, k, coords, freqs, pairing=pairing)
+    assert qo.stride() == q.stride() or layout == "Dstride"  # outputs keep the input's layout
+    _close(qo, eq, tol, "q")
+    if k is not None:
+        _close(ko, ek, tol, "k")
+
+    # backward with d freqs (the reduction kernels), then without (the conjugate rotation)
+    gq = torch.randn_like(qo)
+    gk = torch.randn_like(ko) if k is not None else None
+    outs, grads = [qo] + ([ko] if k is not None else []), [gq] + ([gk] if k is not None else [])
+    leaves = [q] + ([k] if k is not None else []) + [freqs]
+    got = torch.autograd.grad(outs, leaves, grads, retain_graph=True)
+    _ran(emu_rope, "DFREQS = true", "reduce_rows_kernel")
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    rq, rk = ref_leaves[0], (ref_leaves[1] if k is not None else None)
+    r_out = rope_ref.apply_rope(rq, rk, coords.double(), ref_leaves[-1], pairing=pairing)
+    exp = torch.autograd.grad([t for t in r_out if t is not None], ref_leaves, [g.double() for g in grads])
+    names = ["dq"] + (["dk"] if k is not None else []) + ["dfreqs"]
+    for name, a, e in zip(names, got, exp):
+        # d freqs sums B * L * heads products of rounded saved outputs
+        _close(a, e, tol * (8 if name == "dfreqs" else 2), name)
+    again = torch.autograd.grad(outs, leaves, grads, retain_graph=True)
+    assert torch.equal(again[-1], got[-1]), "d freqs is not bitwise reproducible"
+    frozen = R._rope_op(q, k, coords, freqs.detach(), inter, False, "cuda")
+    emu_rope.emu_take_kernels()
+    no_freqs = torch.autograd.grad([t for t in frozen if t.numel()], leaves[:-1], grads)
+    _ran(emu_rope, "DFREQS = false")
+    for a, b in zip(no_freqs, got):
+        assert torch.equal(a, b), "the conjugate rotation differs from the d freqs backward's"
+
+    # in place, on a clone of the inputs' storage layout
+    q2, k2 = q.detach().clone(), (k.detach().clone() if k is not None else None)
+    R._rope_inplace_op(q2, k2, coords, freqs.detach(), inter, False, "cuda")
+    assert torch.equal(q2, qo)
+    if k is not None:
+        assert torch.equal(k2, ko)
+
+
+# --------------------------------------------------------------- qkv_proj
+
+# id: B, L, H, D, dtype, bias, l2 norm, q_scale, coords kind (None: no rope), axes, half pairing,
+#     per-head freqs, grad layout, pairs per lane of the kernels (D <= 64: 1, <= 128: 2, else 4)
+QKV_CASES = {
+    "VAR": (2, 13, 2, 64, f32, True, True, True, None, 0, False, False, "contig", 1),
+    "VAR-bf16": (1, 21, 2, 64, bf16, True, True, True, None, 0, False, False, "BLHD", 1),
+    "Infinity-rope": (1, 25, 2, 128, f32, False, True, False, "grid", 2, False, False, "contig", 2),
+    "Infinity-half-fp16": (3, 9, 1, 128, f16, True, True, True, "grid", 2, True, False, "Dstride", 2),
+    "perhead-half-batchcoords-3chunks": (2, 75, 3, 32, f32, True, False, True, "batch", 3, True, True, "BLHD", 1),
+    "oddM-D40-perhead": (1, 37, 2, 40, bf16, True, True, True, "rand", 1, False, True, "contig", 1),
+    "D256-half-4axes": (2, 3, 2, 256, f32, False, True, False, "rand", 4, True, True, "Dstride", 4),
+}
+
+
+def _qkv_grad(t, layout):
+    B, H, L, D = t.shape
+    if layout == "contig":
+        return torch.randn_like(t)
+    if layout == "BLHD":
+        return torch.randn(B, L, H, D, dtype=t.dtype).transpose(1, 2)
+    return torch.randn(B, H, L, 2 * D, dtype=t.dtype)[..., ::2]
+
+
+@pytest.mark.parametrize("case", list(QKV_CASES))
+def test_qkv_proj(emu_qkv, case):
+    B, L, H, D, dtype, bias, norm, qs, coords_kind, A, half, per_head, glayout, ppl = QKV_CASES[case]
+    torch.manual_seed(len(case))
+    C = H * D
+    x = torch.randn(B, L, C, dtype=dtype).requires_grad_()
+    w = (torch.randn(3 * C, C) / C ** 0.5).to(dtype).requires_grad_()
+    b = (torch.randn(3 * C) * 0.5).to(dtype).requires_grad_() if bias else None
+    q_scale = (torch.rand(H) + 0.5).requires_grad_() if qs else None
+    coords = freqs = None
+    if coords_kind == "grid":  # Infinity-like integer 2D grid
+        side = int(L ** 0.5 + 0.999)
+        i = torch.arange(L)
+        coords = torch.stack([(i // side).float(), (i % side).float()], -1)
+    elif coords_kind == "batch":
+        coords = torch.randn(B, L, A) * 5
+    elif coords_kind == "rand":
+        coords = torch.randn(L, A) * 5
+    if coords is not None:
+        freqs = (torch.rand(H, A, D // 2) if per_head else torch.rand(A, D // 2)).requires_grad_()
+
+    q, k, v, _ = Q._fwd_op(x, w, b, q_scale, coords, freqs, H, norm, half, "cuda")
+    _ran(emu_qkv, f"qkv_fwd_kernel(posenc::QkvProjFwdArgs, bool) [with T = {_CTYPE[dtype]}; int PPL = {ppl}]")
+    pairing = "half" if half else "interleaved"
+    exp = qkv_ref.qkv_proj(x, w, b, num_heads=H, qk_l2norm=norm, q_scale=q_scale, coords=coords, freqs=freqs,
+                           pairing=pairing)
+    tol = FWD_TOL[dtype]
+    for name, a, e in zip("qkv", (q, k, v), exp):
+        assert a.dtype == dtype
+        _close(a, e, 2 * tol, name)
+
+    grads = [_qkv_grad(t, glayout) for t in (q, k, v)]
+    leaves = [t for t in (x, w, b, q_scale, freqs) if t is not None]
+    got = torch.autograd.grad((q, k, v), leaves, grads)
+    _ran(emu_qkv, f"qkv_bwd_kernel(posenc::QkvProjBwdArgs, bool) [with T = {_CTYPE[dtype]}; int PPL = {ppl}]")
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    it = iter(ref_leaves)
+    rx, rw = next(it), next(it)
+    rb = next(it) if bias else None
+    rs = next(it) if qs else None
+    rf = next(it) if freqs is not None else None
+    r_out = qkv_ref.qkv_proj(rx, rw, rb, num_heads=H, qk_l2norm=norm, q_scale=rs,
+                             coords=None if coords is None else coords.double(), freqs=rf, pairing=pairing)
+    exp_grads = torch.autograd.grad(r_out, ref_leaves, [g.double() for g in grads])
+    # low precision: the backward recovers the pre-rotation vectors from the rounded outputs
+    gtol = {f32: 1e-4, f16: 1e-2, bf16: 6e-2}[dtype]
+    names = [n for n, t in zip(("dx", "dw", "dbias", "dq_scale", "dfreqs"), (x, w, b, q_scale, freqs))
+             if t is not None]
+    for name, a, e in zip(names, got, exp_grads):
+        _close(a, e, gtol, name)
+    again = torch.autograd.grad(Q._fwd_op(x, w, b, q_scale, coords, freqs, H, norm, half, "cuda")[:3], leaves,
+                                grads)
+    for name, a, c in zip(names, got, again):
+        assert torch.equal(a, c), f"{name} is not bitwise reproducible"
+
