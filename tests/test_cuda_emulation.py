@@ -36,9 +36,10 @@ differs from glibc's (sincosf/expf ulp differences are inside the tolerances);
 register/occupancy limits and __launch_bounds__.
 
 The build is cached in a temporary directory keyed by a hash of every input.
-Without g++ or the CUDA headers the tests skip, except under
-POSENC_FAST_REQUIRE_CUDA_EXT=1 (CI), where that is a failure. POSENC_FAST_EMU_CSRC
-points the build at another csrc/ tree (to check that a planted bug is caught).
+Without g++, the CUDA headers or pybind11's headers (the package, else torch's
+bundled copy) the tests skip, except under POSENC_FAST_REQUIRE_CUDA_EXT=1 (CI),
+where that is a failure. POSENC_FAST_EMU_CSRC points the build at another csrc/
+tree (to check that a planted bug is caught).
 """
 
 import hashlib
@@ -95,19 +96,26 @@ def _missing_toolchain():
         return f"no C++ compiler ({cxx}) on PATH"
     if _cuda_include() is None:
         return "no CUDA headers (cuda_fp16.h) under $CUDA_HOME, $CUDA_PATH or /usr/local/cuda"
-    try:
-        import pybind11  # noqa: F401
-    except ImportError:
-        return "pybind11 is not installed (pip install pybind11)"
+    if _pybind11_include() is None:
+        return "no pybind11 headers (pip install pybind11)"
     return None
 
 
-def _compile_jobs(family, src_cpp, build):
-    import pybind11
+def _pybind11_include():
+    """The pybind11 package's headers, else the copy torch ships (the package is only
+    a build requirement, so a plain `pip install -e .` venv may lack it)."""
+    try:
+        import pybind11
+    except ImportError:
+        bundled = Path(torch.__file__).parent / "include"
+        return bundled if (bundled / "pybind11" / "pybind11.h").is_file() else None
+    return Path(pybind11.get_include())
 
-    cu, bind = FAMILIES[family]
-    includes = [CSRC, CSRC / "include", CSRC / "bindings", _cuda_include(),
-                Path(PYTHON_INCLUDE), Path(pybind11.get_include())]
+
+def _compile_jobs(family, src_cpp, build):
+    bind = FAMILIES[family][1]
+    includes = [CSRC, CSRC / "include", CSRC / "bindings", _cuda_include(), Path(PYTHON_INCLUDE),
+                _pybind11_include()]
     flags = CXXFLAGS + ["-include", str(EMU / "emu.h")] + [f"-I{p}" for p in includes]
     module_defs = [f"-DPOSENC_EMU_MODULE=posenc_emu_{family}", f"-DPOSENC_EMU_BIND={bind}"]
     return [
@@ -127,7 +135,8 @@ def _cache_key(family):
         h.update(str(p).encode() + b"\0" + p.read_bytes() + b"\0")
     cxx = os.environ.get("CXX", "g++")
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
-    h.update("\0".join([cxx, version, sys.version, str(_cuda_include()), *CXXFLAGS]).encode())
+    h.update("\0".join([cxx, version, sys.version, str(_cuda_include()), str(_pybind11_include()),
+                        *CXXFLAGS]).encode())
     return h.hexdigest()[:20]
 
 
