@@ -72,6 +72,13 @@ __device__ __forceinline__ void pair_dims(int p, int D, bool half, int& d0, int&
   d1 = half ? p + D / 2 : 2 * p + 1;
 }
 
+// (x0, x1) -> (x0 cos - x1 sin, x0 sin + x1 cos); with -sin, the conjugate rotation.
+__device__ __forceinline__ void rotate_pair(float& x0, float& x1, float cs, float sn) {
+  const float y0 = x0 * cs - x1 * sn;
+  x1 = x0 * sn + x1 * cs;
+  x0 = y0;
+}
+
 // angle = sum_a coords[b, l, a] * freqs[h, a, j], fp32.
 __device__ __forceinline__ float rope_angle(const float* c, const float* f, const QkvRopeArgs& r) {
   float ang = 0.f;
@@ -142,9 +149,7 @@ qkv_fwd_kernel(const QkvProjFwdArgs a, bool vec) {
         if (p < P) {
           float sn, cs;
           sincosf(rope_angle(c, f + p, a.rope), &sn, &cs);
-          const float y0 = x0[i] * cs - x1[i] * sn;
-          x1[i] = x0[i] * sn + x1[i] * cs;
-          x0[i] = y0;
+          rotate_pair(x0[i], x1[i], cs, sn);
         }
       }
     }
@@ -230,11 +235,9 @@ qkv_bwd_kernel(const QkvProjBwdArgs a, bool vec) {
             for (int ax = 0; ax < kMaxAxes; ++ax)  // constant indices keep acc_f in registers
               if (ax < A) acc_f[i][ax] += c[ax * a.rope.coords_stride[2]] * dang;
           }
-          const float ga = g0[i] * cs + g1[i] * sn, ya = y0[i] * cs + y1[i] * sn;
-          g1[i] = g1[i] * cs - g0[i] * sn;
-          y1[i] = y1[i] * cs - y0[i] * sn;
-          g0[i] = ga;
-          y0[i] = ya;
+          // The conjugate rotation takes the gradient and the output back.
+          rotate_pair(g0[i], g1[i], cs, -sn);
+          rotate_pair(y0[i], y1[i], cs, -sn);
         }
       }
     }
