@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import math
 
-import torch
 import triton
 import triton.language as tl
+
+from ._launch import num_sms
 
 _LN_10000 = math.log(10000.0)
 
@@ -105,12 +106,6 @@ def _bwd_levels_kernel(partial_ptr, offsets_ptr, dlvl_ptr, C, sdl, BLOCK_C: tl.c
     tl.store(dlvl_ptr + s * sdl + c, acc.to(dlvl_ptr.dtype.element_ty), mask=c_ok)
 
 
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 1  # interpreter: one "SM", keep the grid small
-
-
 def pyramid_pos_level_add_fwd(x, pos, lvl, token_meta, out, *, start: int, pos_weight: float,
                               sincos_weight: float) -> None:
     """Writes ``out`` (contiguous (B, n, C)). ``pos`` is (L, C) or None."""
@@ -122,7 +117,7 @@ def pyramid_pos_level_add_fwd(x, pos, lvl, token_meta, out, *, start: int, pos_w
     tiles = triton.cdiv(n, BLOCK_T) * triton.cdiv(C, BLOCK_C)
     # Split the batch until the grid fills the device; each program reuses its
     # embedding tile across its batch slice.
-    splits = max(1, min(B, (8 * _num_sms(x.device)) // max(tiles, 1)))
+    splits = max(1, min(B, (8 * num_sms(x.device)) // max(tiles, 1)))
     b_per_prog = triton.cdiv(B, splits)
     grid = (triton.cdiv(n, BLOCK_T), triton.cdiv(C, BLOCK_C), triton.cdiv(B, b_per_prog))
     has_pos = pos is not None

@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import num_sms
+
 
 @triton.jit
 def _angles(c_base, scl, sca, f_base, sfa, sfp, offs_l, offs_p, l_ok, p_ok,
@@ -196,12 +198,6 @@ def _rope_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, qy_ptr, ky_ptr, c_ptr, f_ptr, par
             _store_partial(part_ptr, slot * n_hsplit + pid_h, acc, A, P, BLOCK_A, BLOCK_P)
 
 
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 1  # interpreter: keep the grid small
-
-
 def _strides(t):
     return tuple(t.stride()) if t is not None else (0, 0, 0, 0)
 
@@ -213,7 +209,7 @@ def grid_shape(B: int, L: int, P: int, Hq: int, Hk: int, device: torch.device):
     BLOCK_L = max(1, min(triton.next_power_of_2(max(L, 1)), 2048 // BLOCK_P))
     n_l = triton.cdiv(L, BLOCK_L)
     heads = Hq + Hk
-    want = 4 * _num_sms(device)
+    want = 4 * num_sms(device)
     n_h = max(1, min(heads, triton.cdiv(want, max(n_l * B, 1))))
     per = triton.cdiv(heads, n_h)
     return BLOCK_L, n_l, triton.cdiv(heads, per), per
