@@ -30,6 +30,17 @@ def check_tensor(name: str, t, *, ndim=None, dtypes: Sequence[torch.dtype] = FLO
             raise ValueError(f"{name} must have {want} dimensions, got shape {tuple(t.shape)}")
 
 
+def check_float_tensor(name: str, t, *, ndim=None, allow_none: bool = False) -> None:
+    """Like ``check_tensor`` for tensors of any floating dtype (positions, frequencies,
+    scales: the kernels read them as fp32)."""
+    check_tensor(name, t, dtypes=None, allow_none=allow_none)
+    if t is None:
+        return
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {str(t.dtype).replace('torch.', '')}")
+    check_tensor(name, t, ndim=ndim, dtypes=None)
+
+
 def check_same_device(**tensors: Optional[torch.Tensor]) -> torch.device:
     """ValueError when the given tensors are not on one device; returns that device."""
     present = {k: v for k, v in tensors.items() if v is not None}

@@ -194,10 +194,7 @@ def _validate(x, weight, bias, num_heads, qk_l2norm, q_scale, coords, freqs, pai
     _checks.check_int("num_heads", num_heads, minimum=1)
     _check_bool("qk_l2norm", qk_l2norm)
     for name, t, ndim in (("q_scale", q_scale, 1), ("coords", coords, (2, 3)), ("freqs", freqs, (2, 3))):
-        # Any floating dtype (fp64 positions too): the kernels take them as fp32.
-        _checks.check_tensor(name, t, ndim=ndim, dtypes=None, allow_none=True)
-        if t is not None and not t.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got dtype {str(t.dtype).replace('torch.', '')}")
+        _checks.check_float_tensor(name, t, ndim=ndim, allow_none=True)
     if not isinstance(pairing, str) or pairing not in PAIRINGS:
         raise ValueError(f"pairing must be one of {PAIRINGS}, got {pairing!r}")
     device = _checks.check_same_device(x=x, weight=weight, bias=bias, q_scale=q_scale, coords=coords, freqs=freqs)

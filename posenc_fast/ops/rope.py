@@ -206,17 +206,8 @@ class _InplaceRope(torch.autograd.Function):
 def _validate(q, k, coords, freqs, pairing, backend_name=None):
     _checks.check_tensor("q", q, ndim=4)
     _checks.check_tensor("k", k, ndim=4, allow_none=True)
-    if not isinstance(coords, torch.Tensor):
-        raise TypeError(f"coords must be a torch.Tensor, got {type(coords).__name__}")
-    if not coords.is_floating_point():
-        raise TypeError(f"coords must be a floating-point tensor (positions may be fractional), "
-                        f"got dtype {str(coords.dtype).replace('torch.', '')}")
-    _checks.check_tensor("coords", coords, ndim=(2, 3), dtypes=None)
-    if not isinstance(freqs, torch.Tensor):
-        raise TypeError(f"freqs must be a torch.Tensor, got {type(freqs).__name__}")
-    if not freqs.is_floating_point():
-        raise TypeError(f"freqs must be a floating-point tensor, got dtype {str(freqs.dtype).replace('torch.', '')}")
-    _checks.check_tensor("freqs", freqs, ndim=(2, 3), dtypes=None)
+    _checks.check_float_tensor("coords", coords, ndim=(2, 3))
+    _checks.check_float_tensor("freqs", freqs, ndim=(2, 3))
     if pairing not in PAIRINGS:
         raise ValueError(f"pairing must be one of {PAIRINGS}, got {pairing!r}")
     device = _checks.check_same_device(q=q, k=k, coords=coords, freqs=freqs)
