@@ -57,17 +57,12 @@ def _chunk_tables(scales: Tuple[Tuple[int, int], ...], start: int, n: int,
     return table.to(device), torch.tensor(offsets, dtype=torch.int32, device=device)
 
 
-def _out_dtype(x: torch.Tensor, pos: Optional[torch.Tensor], lvl: torch.Tensor) -> torch.dtype:
-    dt = torch.promote_types(x.dtype, lvl.dtype)
-    return dt if pos is None else torch.promote_types(dt, pos.dtype)
-
-
 @torch.library.custom_op("posenc_fast::pyramid_pos_level_add", mutates_args=())
 def _fwd_op(x: torch.Tensor, pos: Optional[torch.Tensor], lvl: torch.Tensor, scales: List[int],
             start: int, pos_weight: float, sincos_weight: float, backend: str) -> torch.Tensor:
     sc = _unflat(scales)
     B, n, C = x.shape
-    out = _checks.empty((B, n, C), dtype=_out_dtype(x, pos, lvl), device=x.device)
+    out = _checks.empty((B, n, C), dtype=ref.output_dtype(x, pos, lvl), device=x.device)
     meta = _token_meta(sc, x.device)
     if backend == "triton":
         from ..triton_kernels import pyramid_pos_level_add as tk
@@ -90,7 +85,7 @@ def _fwd_op(x: torch.Tensor, pos: Optional[torch.Tensor], lvl: torch.Tensor, sca
 
 @_fwd_op.register_fake
 def _(x, pos, lvl, scales, start, pos_weight, sincos_weight, backend):
-    return x.new_empty(x.shape, dtype=_out_dtype(x, pos, lvl))
+    return x.new_empty(x.shape, dtype=ref.output_dtype(x, pos, lvl))
 
 
 @torch.library.custom_op("posenc_fast::pyramid_pos_level_add_backward", mutates_args=())

@@ -80,6 +80,12 @@ def sincos_pyramid_table(patch_nums: Sequence[Scale], embed_dim: int, *,
     return torch.cat([axis(meta[:, 1]), axis(meta[:, 2])], dim=1).to(dtype)
 
 
+def output_dtype(x: torch.Tensor, pos: Optional[torch.Tensor], lvl: torch.Tensor) -> torch.dtype:
+    """The dtype eager PyTorch gives ``x + pos + lvl`` (``x + lvl`` without pos)."""
+    dt = torch.promote_types(x.dtype, lvl.dtype)
+    return dt if pos is None else torch.promote_types(dt, pos.dtype)
+
+
 def pyramid_pos_level_add(x: torch.Tensor, pos: Optional[torch.Tensor], lvl: torch.Tensor,
                           patch_nums: Sequence[Scale], *, start: int = 0, pos_weight: float = 1.0,
                           sincos_weight: float = 0.0) -> torch.Tensor:
@@ -87,8 +93,7 @@ def pyramid_pos_level_add(x: torch.Tensor, pos: Optional[torch.Tensor], lvl: tor
     n, C = x.shape[1], x.shape[2]
     meta = token_table(patch_nums, device=x.device)[start:start + n]
     pos2d = None if pos is None else pos.reshape(pos.shape[-2], pos.shape[-1])
-    out_dtype = torch.result_type(x, lvl) if pos2d is None else torch.promote_types(
-        torch.result_type(x, pos2d), lvl.dtype)
+    out_dtype = output_dtype(x, pos2d, lvl)
     acc = torch.promote_types(out_dtype, torch.float32)
     emb = lvl.to(acc)[meta[:, 0]]
     if pos2d is not None:
