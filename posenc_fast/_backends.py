@@ -16,7 +16,7 @@ import contextlib
 import importlib.util
 import os
 import threading
-from typing import Dict, Iterator, Optional, Sequence
+from typing import Callable, Dict, Iterator, Optional, Sequence
 
 import torch
 
@@ -139,17 +139,25 @@ def requested_backend(backend: Optional[str] = None) -> str:
     return "auto"
 
 
-def resolve_backend(op: str, backend: Optional[str], device: torch.device) -> str:
-    """The concrete backend that runs ``op`` on tensors of ``device``."""
+def resolve_backend(op: str, backend: Optional[str], device: torch.device,
+                    limits: Optional[Callable[[str], Optional[str]]] = None) -> str:
+    """The concrete backend that runs ``op`` on tensors of ``device``.
+
+    ``limits(name)`` says why backend ``name`` cannot take this call's shapes (None
+    when it can): ``auto`` skips such a backend for the next one in its order; a
+    backend asked for by name raises ValueError with that reason."""
     name = requested_backend(backend)
     if name == "auto":
         if device.type != "cuda":
             return "reference"
         for candidate in _AUTO_ORDER.get(op, _DEFAULT_AUTO_ORDER):
-            if unavailable_reason(candidate, device) is None:
+            if unavailable_reason(candidate, device) is None and (limits is None or limits(candidate) is None):
                 return candidate
         return "reference"
     reason = unavailable_reason(name, device)
     if reason is not None:
         raise RuntimeError(f"posenc_fast: backend {name!r} is not available for {op} on {device}: {reason}")
+    reason = None if limits is None else limits(name)
+    if reason is not None:
+        raise ValueError(f"posenc_fast: backend {name!r} cannot run this {op} call: {reason}")
     return name

@@ -464,6 +464,29 @@ def test_triton_rejects_non_power_of_two_head_dim():
         pf.qkv_proj(x, w, num_heads=2, backend="triton")
 
 
+def test_auto_skips_a_backend_that_cannot_take_the_shape(monkeypatch):
+    """On CUDA tensors ``auto`` walks its order past a kernel whose limits exclude
+    the call (head_dim 96 is not a power of two: not Triton), where naming that
+    backend raises. Availability is faked so the resolution runs without a GPU."""
+    from posenc_fast import _backends
+    from posenc_fast.ops.qkv_proj import _backend_limits
+
+    monkeypatch.setattr(_backends, "unavailable_reason", lambda name, device=None: None)
+    cuda = torch.device("cuda")
+    monkeypatch.setitem(_backends._AUTO_ORDER, "qkv_proj", ("triton", "cuda", "reference"))
+    assert _backends.resolve_backend("qkv_proj", "auto", cuda, _backend_limits(96, None)) == "cuda"
+    assert _backends.resolve_backend("qkv_proj", "auto", cuda, _backend_limits(64, None)) == "triton"
+    # Neither kernel takes D = 258 (over both limits); the reference runs it.
+    assert _backends.resolve_backend("qkv_proj", "auto", cuda, _backend_limits(258, None)) == "reference"
+    five_axes = torch.zeros(4, 5)
+    monkeypatch.setitem(_backends._AUTO_ORDER, "qkv_proj", ("cuda", "triton"))
+    assert _backends.resolve_backend("qkv_proj", "auto", cuda, _backend_limits(64, five_axes)) == "triton"
+    with pytest.raises(ValueError, match="backend 'triton' cannot run this qkv_proj call: .*power-of-two"):
+        _backends.resolve_backend("qkv_proj", "triton", cuda, _backend_limits(96, None))
+    with pytest.raises(ValueError, match="backend 'cuda' cannot run .* at most 4 rope axes, got 5"):
+        _backends.resolve_backend("qkv_proj", "cuda", cuda, _backend_limits(64, five_axes))
+
+
 @pytest.mark.skipif(HAS_CUDA, reason="checks the no-GPU error path")
 def test_cuda_backend_unavailable_raises_with_reason():
     x, w = torch.randn(1, 4, 32), torch.randn(96, 32)

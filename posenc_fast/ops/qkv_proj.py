@@ -237,14 +237,19 @@ def _check_dtypes(x, weight, bias) -> None:
                             f"{str(x.dtype).replace('torch.', '')}: they must match (or run under autocast)")
 
 
-def _check_backend_limits(name: str, D: int, coords: Optional[torch.Tensor]) -> None:
-    if name == "triton" and (D < 16 or D > 256 or D & (D - 1)):
-        raise ValueError(f"backend 'triton' needs a power-of-two head_dim in [16, 256], got {D}")
-    if name == "cuda":
-        if D % 2 or D > _CUDA_MAX_HEAD_DIM:
-            raise ValueError(f"backend 'cuda' needs an even head_dim <= {_CUDA_MAX_HEAD_DIM}, got {D}")
-        if coords is not None and coords.shape[-1] > _CUDA_MAX_AXES:
-            raise ValueError(f"backend 'cuda' supports at most {_CUDA_MAX_AXES} rope axes, got {coords.shape[-1]}")
+def _backend_limits(D: int, coords: Optional[torch.Tensor]):
+    """What each fast kernel supports: a reason string when ``name`` cannot run
+    head_dim ``D`` with ``coords``' axes, else None."""
+    def reason(name: str) -> Optional[str]:
+        if name == "triton" and (D < 16 or D > 256 or D & (D - 1)):
+            return f"the Triton kernel needs a power-of-two head_dim in [16, 256], got {D}"
+        if name == "cuda":
+            if D % 2 or D > _CUDA_MAX_HEAD_DIM:
+                return f"the CUDA kernels need an even head_dim <= {_CUDA_MAX_HEAD_DIM}, got {D}"
+            if coords is not None and coords.shape[-1] > _CUDA_MAX_AXES:
+                return f"the CUDA kernels support at most {_CUDA_MAX_AXES} rope axes, got {coords.shape[-1]}"
+        return None
+    return reason
 
 
 def _autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
@@ -272,11 +277,13 @@ def qkv_proj(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
     scale and rotation run in fp32. fp32 GEMMs use TF32 only where
     ``torch.backends.cuda.matmul.allow_tf32`` lets ``F.linear`` use it. Gradients
     flow to x, weight, bias, q_scale (must be nonzero) and freqs.
+
+    Kernel limits: Triton needs a power-of-two head_dim in [16, 256]; CUDA an even
+    head_dim <= 256 and at most 4 rope axes. ``auto`` takes the fastest backend
+    whose limits admit the call; a backend named explicitly raises ValueError.
     """
     device = _validate(x, weight, bias, num_heads, qk_l2norm, q_scale, coords, freqs, pairing)
-    name = _backends.resolve_backend(OP, backend, device)
-    D = x.shape[2] // num_heads
-    _check_backend_limits(name, D, coords)
+    name = _backends.resolve_backend(OP, backend, device, _backend_limits(x.shape[2] // num_heads, coords))
     cast = _autocast_dtype(device)
     if cast is not None:
         x, weight = x.to(cast), weight.to(cast)
