@@ -190,3 +190,35 @@ def test_autocast_on_gpu_is_as_accurate_as_eager(rope):
         return ((a.double() - want.double()).norm() / want.double().norm()).item()
 
     assert err(got) <= 1.5 * err(base) + 1e-3
+
+
+def test_rope_final_maps_a_small_schedule_onto_the_large_grid():
+    """Infinity trains a 0.06M schedule with the positions of its ratio's 1M grid:
+    coordinates scale by final / last, so they differ from the default mapping."""
+    sched = [(1, 1, 1), (1, 2, 2), (1, 4, 4), (1, 6, 6)]
+    m = FusedSelfAttention(64, 2, rope=True, rope_scales=sched, rope_final=(1, 24, 24))
+    # token (1, 1) of the 2x2 scale sits at round(1 * 24/2) = 12; (5, 5) of the 6x6 at 20.
+    assert m.rope_coords[1].tolist() == [0.0, 0.0] and m.rope_coords[4].tolist() == [12.0, 12.0]
+    assert m.rope_coords[-1].tolist() == [20.0, 20.0]
+    default = FusedSelfAttention(64, 2, rope=True, rope_scales=sched)
+    assert default.rope_coords[-1].tolist() == [5.0, 5.0]
+    cast = m.to(torch.float16)  # rebuilt with the same final grid
+    assert cast.rope_coords.dtype == torch.float32 and cast.rope_coords[-1].tolist() == [20.0, 20.0]
+    with pytest.raises(ValueError, match="rope_final is given without rope_scales"):
+        FusedSelfAttention(64, 2, rope=True, rope_final=(24, 24))
+
+
+def test_loads_infinity_flash_layout_of_scale_mul():
+    """Infinity with its customized flash attention stores scale_mul_1H11 as
+    (1, 1, H, 1); it loads as the (1, H, 1, 1) that VAR and the SDPA path use."""
+    src = randomize_(FusedSelfAttention(96, 3), seed=4, scale_mul=[0.1, 1.0, 3.0])
+    sd = src.state_dict()
+    sd["scale_mul_1H11"] = sd["scale_mul_1H11"].reshape(1, 1, 3, 1)
+    dst = FusedSelfAttention(96, 3)
+    dst.load_state_dict(sd)
+    assert torch.equal(dst.scale_mul_1H11, src.scale_mul_1H11)
+    x = torch.randn(2, L, 96)
+    assert torch.equal(dst(x, block_causal_bias(PATCH_NUMS)), src(x, block_causal_bias(PATCH_NUMS)))
+    bad = dict(sd, scale_mul_1H11=torch.zeros(1, 3, 1, 2))
+    with pytest.raises(RuntimeError, match="size mismatch for scale_mul_1H11"):
+        dst.load_state_dict(bad)

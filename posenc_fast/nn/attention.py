@@ -72,22 +72,30 @@ class FusedSelfAttention(nn.Module):
         attn_drop, proj_drop: dropout on the attention weights and on the output.
         rope: 2D RoPE on q and k after the l2 norm (Infinity): axial frequencies
             ``base^(-4j/D)``, pairs [0, D/4) with the row and [D/4, D/2) with the column.
-        rope_scales: the pyramid (``[pn]`` or ``[(h, w)]``) whose token coordinates
-            (``pyramid_coords(rope_scales, mode=rope_mode)``) the module uses by
-            itself: rows [0, L) in training, the rows after the cached ones in
-            sampling. Without it, pass ``coords`` to ``forward``.
+        rope_scales: the pyramid (``[pn]``, ``[(h, w)]`` or ``[(1, h, w)]``) whose
+            token coordinates (``pyramid_coords(rope_scales, mode=rope_mode,
+            final=rope_final)``) the module uses by itself: rows [0, L) in training,
+            the rows after the cached ones in sampling. Without it, pass ``coords``
+            to ``forward``.
+        rope_final: the grid the coordinates map to (default: the last of
+            ``rope_scales``). Infinity maps every schedule of an aspect ratio onto
+            the last scale of that ratio's largest ("1M") schedule.
         pairing: "interleaved" (Infinity) or "half".
         backend: backend of ``qkv_proj`` (None: the global choice).
 
     ``forward(x, attn_bias=None, coords=None)``: x (B, L, C); attn_bias an additive
     (1, 1, L, L) mask (``block_causal_bias``) or None; returns (B, L, C).
     ``kv_caching(True)`` starts scale-by-scale sampling: each call appends its k, v.
+
+    Checkpoints: ``scale_mul_1H11`` is (1, H, 1, 1); Infinity models built with its
+    customized flash attention store it as (1, 1, H, 1), which ``load_state_dict``
+    accepts and reshapes.
     """
 
     def __init__(self, embed_dim: int, num_heads: int, *, attn_l2_norm: bool = True,
                  scale: Optional[float] = None, attn_drop: float = 0.0, proj_drop: float = 0.0,
                  rope: bool = False, rope_scales: Optional[Sequence] = None, rope_mode: str = "round",
-                 rope_base: float = 10000.0, pairing: str = "interleaved", backend: Optional[str] = None):
+                 rope_final: Optional[Sequence] = None, rope_base: float = 10000.0, pairing: str = "interleaved", backend: Optional[str] = None):
         super().__init__()
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim ({embed_dim}) must be a multiple of num_heads ({num_heads})")
@@ -95,6 +103,8 @@ class FusedSelfAttention(nn.Module):
             raise ValueError(f"pairing must be one of {PAIRINGS}, got {pairing!r}")
         if rope_scales is not None and not rope:
             raise ValueError("rope_scales is given but rope=False")
+        if rope_final is not None and rope_scales is None:
+            raise ValueError("rope_final is given without rope_scales")
         self.num_heads, self.head_dim = num_heads, embed_dim // num_heads
         if rope and self.head_dim % 4:
             raise ValueError(f"2D RoPE needs a head dim divisible by 4, got {self.head_dim}")
@@ -118,11 +128,12 @@ class FusedSelfAttention(nn.Module):
         self.rope_base = float(rope_base)
         self.rope_scales = None if rope_scales is None else normalize_scales(rope_scales)
         self.rope_mode = rope_mode
+        self.rope_final = rope_final
         # Derived tables, not state: non-persistent, so state_dict keys stay VAR's.
         if rope:
             self.register_buffer("rope_freqs", axial_rope_freqs(self.head_dim, base=self.rope_base), persistent=False)
         if self.rope_scales is not None:
-            self.register_buffer("rope_coords", pyramid_coords(self.rope_scales, mode=rope_mode), persistent=False)
+            self.register_buffer("rope_coords", self._rope_coords(), persistent=False)
         self.caching, self.cached_k, self.cached_v = False, None, None
 
     def _apply(self, fn, *args, **kwargs):
@@ -134,8 +145,19 @@ class FusedSelfAttention(nn.Module):
             if self.rope_freqs.dtype != torch.float32:
                 self.rope_freqs = axial_rope_freqs(self.head_dim, base=self.rope_base).to(device)
             if self.rope_scales is not None and self.rope_coords.dtype != torch.float32:
-                self.rope_coords = pyramid_coords(self.rope_scales, mode=self.rope_mode).to(device)
+                self.rope_coords = self._rope_coords().to(device)
         return self
+
+    def _rope_coords(self) -> torch.Tensor:
+        return pyramid_coords(self.rope_scales, mode=self.rope_mode, final=self.rope_final)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "scale_mul_1H11"
+        value = state_dict.get(key)
+        H = self.num_heads
+        if self.attn_l2_norm and isinstance(value, torch.Tensor) and tuple(value.shape) == (1, 1, H, 1) and H > 1:
+            state_dict[key] = value.reshape(1, H, 1, 1)  # Infinity's flash-attention layout
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def kv_caching(self, enable: bool) -> None:
         self.caching, self.cached_k, self.cached_v = enable, None, None
