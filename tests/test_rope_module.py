@@ -92,6 +92,21 @@ def test_state_dict_and_mixed_parameters():
     assert mixed.freqs.grad is not None and mixed.freqs.grad.abs().sum() > 0
 
 
+def test_column_first_vit_grid_with_class_token():
+    """RoPE-ViT's axial variant: one grid, a class token that does not rotate, the
+    column on the first quarter of the pairs, base 100."""
+    torch.manual_seed(5)
+    rope = pf.PyramidRoPE(32, [(3, 4)], mode="raw", base=100.0, first="col", prefix_tokens=1)
+    assert torch.equal(rope.freqs, pf.axial_rope_freqs(32, base=100.0, first="col"))
+    q = _rand(2, 2, 13, 32).cpu()
+    out, _ = rope(q, None)
+    assert torch.equal(out[:, :, 0], q[:, :, 0])
+    # moving one column rotates only dims [0, D/2) (pairs [0, D/4), interleaved)
+    assert torch.equal(out[:, :, 2, 16:], q[:, :, 2, 16:]) and not torch.equal(out[:, :, 2, :16], q[:, :, 2, :16])
+    cast = rope.to(torch.float16)
+    assert torch.equal(cast.freqs, pf.axial_rope_freqs(32, base=100.0, first="col"))
+
+
 def test_dtype_cast_keeps_fp32_positions_and_freqs():
     rope = pf.PyramidRoPE(64, (1, 2, 3, 5), mode="fractional").to(torch.bfloat16)
     assert rope.coords.dtype == torch.float32 and rope.freqs.dtype == torch.float32
@@ -104,6 +119,8 @@ def test_dtype_cast_keeps_fp32_positions_and_freqs():
     (dict(pairing="neox"), ValueError, "pairing"),
     (dict(mixed=True), ValueError, "num_heads"),
     (dict(prefix_tokens=-1), ValueError, "prefix_tokens"),
+    (dict(first="y"), ValueError, "first must be one of"),
+    (dict(mixed=True, num_heads=2, first="col"), ValueError, "learns its own directions"),
 ])
 def test_module_bad_arguments(kwargs, exc, msg):
     with pytest.raises(exc, match=msg):

@@ -136,6 +136,25 @@ def test_axial_freqs_layout_and_exponent(D):
     assert torch.equal(f[0, :q], infinity)
 
 
+def test_axial_freqs_column_first_layout():
+    """first="col" (RoPE-ViT axial): the column takes pairs [0, D/4), the row the rest."""
+    D = 32
+    row, col = pf.axial_rope_freqs(D, base=100.0), pf.axial_rope_freqs(D, base=100.0, first="col")
+    assert torch.equal(col, row.flip(0))
+    # RoPE-ViT's angle of pair j of the token in raster slot t of a W-wide grid:
+    # (t % W) * 100^(-4j/D) for j < D/4, (t // W) * 100^(-4(j - D/4)/D) after.
+    H, W = 3, 5
+    coords = pf.pyramid_coords([(H, W)])
+    angles = ref.rope_angles(coords, col)[0, 0].double()
+    for t in range(H * W):
+        for j in range(D // 2):
+            pos = t % W if j < D // 4 else t // W
+            want = pos * 100.0 ** (-4 * (j % (D // 4)) / D)
+            assert abs(angles[t, j].item() - want) <= 1e-6 * max(1.0, want), (t, j)
+    with pytest.raises(ValueError, match="first must be one of"):
+        pf.axial_rope_freqs(D, first="x")
+
+
 def test_1d_and_mrope_freqs():
     D = 16
     f1 = pf.rope_1d_freqs(D, base=500.0)

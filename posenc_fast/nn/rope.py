@@ -27,6 +27,8 @@ class PyramidRoPE(nn.Module):
             every schedule of an aspect ratio onto its largest one.
         corner_scale: normaliser of ``mode="corner"``.
         base: frequency base of the axial layout.
+        first: the axis of the first quarter of the pairs in the axial layout: "row"
+            (Infinity) or "col" (RoPE-ViT's axial variant).
         num_heads: with ``mixed=True``, the number of heads of the learnable per-head
             frequencies (RoPE-Mixed, initialised by ``rope_mixed_freqs``).
         mixed_theta: magnitude base of RoPE-Mixed.
@@ -50,7 +52,7 @@ class PyramidRoPE(nn.Module):
                  final: Optional[Scale] = None, corner_scale: Union[None, float, Tuple[float, float]] = None,
                  base: float = 10000.0, num_heads: Optional[int] = None, mixed: bool = False,
                  mixed_theta: float = 10.0, prefix_tokens: int = 0, pairing: str = "interleaved",
-                 backend: Optional[str] = None, device=None) -> None:
+                 first: str = "row", backend: Optional[str] = None, device=None) -> None:
         super().__init__()
         if mode not in COORD_MODES:
             raise ValueError(f"mode must be one of {COORD_MODES}, got {mode!r}")
@@ -67,12 +69,15 @@ class PyramidRoPE(nn.Module):
         self.backend = backend
         self.mixed = mixed
         self.base = base
+        self.first = first
+        if mixed and first != "row":
+            raise ValueError("first chooses the axial layout; RoPE-Mixed (mixed=True) learns its own directions")
         if mixed:
             if num_heads is None:
                 raise ValueError("mixed=True needs num_heads (the frequencies are learned per head)")
             self.freqs = nn.Parameter(rope_mixed_freqs(num_heads, head_dim, theta=mixed_theta).to(device))
         else:
-            self.register_buffer("freqs", axial_rope_freqs(head_dim, base=base).to(device), persistent=False)
+            self.register_buffer("freqs", axial_rope_freqs(head_dim, base=base, first=first).to(device), persistent=False)
         self.scales: Schedule = normalize_scales(scales)
         self.register_buffer("coords", self._build(self.scales, device), persistent=False)
         self._extra: Dict[Tuple[Schedule, torch.device], torch.Tensor] = {}
@@ -84,7 +89,7 @@ class PyramidRoPE(nn.Module):
         if self.coords.dtype != torch.float32:
             self.coords = self._build(self.scales, self.coords.device)
         if not self.mixed and self.freqs.dtype != torch.float32:
-            self.freqs = axial_rope_freqs(self.head_dim, base=self.base).to(self.freqs.device)
+            self.freqs = axial_rope_freqs(self.head_dim, base=self.base, first=self.first).to(self.freqs.device)
         return self
 
     def _build(self, scales: Schedule, device) -> torch.Tensor:

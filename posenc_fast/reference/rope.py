@@ -123,16 +123,24 @@ def _inv_freq(num: int, denom: int, base: float) -> torch.Tensor:
     return 1.0 / (base ** (torch.arange(0, 2 * num, 2, dtype=torch.int64).float() / denom))
 
 
-def axial_rope_freqs(head_dim: int, *, base: float = 10000.0) -> torch.Tensor:
-    """(2, D/2) fp32 axial 2D frequencies (Infinity layout): row 0 (the row axis) holds
-    ``base^(-4j/D)`` on pairs [0, D/4) and zeros elsewhere; row 1 (the column axis)
-    holds the same values on pairs [D/4, D/2). Needs D % 4 == 0."""
+AXIAL_FIRST = ("row", "col")
+
+
+def axial_rope_freqs(head_dim: int, *, base: float = 10000.0, first: str = "row") -> torch.Tensor:
+    """(2, D/2) fp32 axial 2D frequencies; row 0 multiplies the row coordinate, row 1
+    the column coordinate. ``base^(-4j/D)`` sits on pairs [0, D/4) of the axis named
+    by ``first`` and on pairs [D/4, D/2) of the other one, zeros elsewhere:
+    ``first="row"`` is Infinity's layout, ``first="col"`` RoPE-ViT's axial one (x
+    first, with ``base=100``). Needs D % 4 == 0."""
+    if first not in AXIAL_FIRST:
+        raise ValueError(f"first must be one of {AXIAL_FIRST}, got {first!r}")
     _check_head_dim(head_dim, 4)
     quarter = head_dim // 4
     theta = _inv_freq(quarter, head_dim // 2, base)  # base^(-2i/(D/2)) = base^(-4i/D)
     freqs = torch.zeros(2, head_dim // 2, dtype=torch.float32)
-    freqs[0, :quarter] = theta
-    freqs[1, quarter:] = theta
+    lead = 0 if first == "row" else 1
+    freqs[lead, :quarter] = theta
+    freqs[1 - lead, quarter:] = theta
     return freqs
 
 
@@ -170,7 +178,10 @@ def rope_mixed_freqs(num_heads: int, head_dim: int, *, theta: float = 10.0, rota
     Per head a random direction phi (uniform in [0, 2 pi) when ``rotate``, else 0);
     magnitudes ``theta^(-4i/D)`` for i < D/4. Pairs [0, D/4) get direction phi, pairs
     [D/4, D/2) direction phi + pi/2; the column (x) frequency is ``mag * cos(dir)``,
-    the row (y) frequency ``mag * sin(dir)``. Learnable: wrap it in an nn.Parameter."""
+    the row (y) frequency ``mag * sin(dir)``. Learnable: wrap it in an nn.Parameter.
+
+    RoPE-ViT checkpoints hold one block's frequencies as (2, H, D/2) ordered (x, y),
+    i.e. (column, row); this layout is ``theirs.flip(0).transpose(0, 1)``."""
     if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
         raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
     _check_head_dim(head_dim, 4)
