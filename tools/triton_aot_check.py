@@ -40,10 +40,12 @@ from typing import Dict, List, Optional, Tuple
 SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024, 100: 227 * 1024, 120: 99 * 1024}
 
 # Autotuned kernels: (module, kernel name) -> (attribute holding the configs, the
-# values of the constexprs its heuristics derive from runtime sizes). The
-# interpreter runs one fixed config; the GPU tries them all, on any size.
+# values of the constexprs its heuristics derive from runtime sizes, constexprs the
+# launcher sets only in the interpreter, with their GPU value). The interpreter
+# runs one fixed config; the GPU tries them all, on any size.
 AUTOTUNED = {
-    ("posenc_fast.triton_kernels.qkv_proj", "_fwd_kernel"): ("_FWD_CONFIGS", {"EVEN_K": (True, False)}),
+    ("posenc_fast.triton_kernels.qkv_proj", "_fwd_kernel"):
+        ("_FWD_CONFIGS", {"EVEN_K": (True, False)}, {"UPCAST_DOT": False}),
 }
 
 _TYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float64": "fp64", "int64": "i64",
@@ -231,7 +233,7 @@ def _expand(entries: List[dict], all_configs: bool) -> List[dict]:
         if key not in AUTOTUNED:
             out.append({**entry, "group": None})
             continue
-        attr, derived = AUTOTUNED[key]
+        attr, derived, on_gpu = AUTOTUNED[key]
         configs = getattr(importlib.import_module(entry["module"]), attr)
         choices = list(itertools.product(itertools.product(*derived.values()), configs))
         if not all_configs:
@@ -242,7 +244,7 @@ def _expand(entries: List[dict], all_configs: bool) -> List[dict]:
         group = f"launch {i}" if all_configs else f"{entry['kernel']} with {first_ptr[1:]} inputs"
         for combo, cfg in choices:
             args = dict(entry["args"])
-            for name, value in [*cfg.kwargs.items(), *zip(derived, combo)]:
+            for name, value in [*cfg.kwargs.items(), *zip(derived, combo), *on_gpu.items()]:
                 args[name] = {"value": value}
             out.append({**entry, "args": args, "group": group,
                         "options": {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}})

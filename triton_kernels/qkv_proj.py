@@ -91,7 +91,8 @@ def _fwd_kernel(x_ptr, w_ptr, bias_ptr, qs_ptr, coords_ptr, freqs_ptr,
                 D: tl.constexpr, HEADS: tl.constexpr, NUM_AXES: tl.constexpr,
                 HAS_BIAS: tl.constexpr, HAS_QSCALE: tl.constexpr, L2NORM: tl.constexpr,
                 ROPE: tl.constexpr, HALF: tl.constexpr, IEEE: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+                BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+                UPCAST_DOT: tl.constexpr = False):
     # m_bucket (log2 of M) is only an autotuning key.
     BLOCK_N: tl.constexpr = HEADS * D
     P: tl.constexpr = BLOCK_N // 2
@@ -126,7 +127,11 @@ def _fwd_kernel(x_ptr, w_ptr, bias_ptr, qs_ptr, coords_ptr, freqs_ptr,
             k_ok = rk < K - k0
             a = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
             b = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
-        if IEEE:
+        if UPCAST_DOT:
+            # The interpreter's bf16 tl.dot is wrong; bf16 x bf16 products are exact
+            # in fp32, so the upcast dot is what the GPU's bf16 MMA computes.
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        elif IEEE:
             acc = tl.dot(a, b, acc, input_precision="ieee")
         else:
             acc = tl.dot(a, b, acc)
@@ -328,7 +333,7 @@ def qkv_proj_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
         return (triton.cdiv(M, meta["BLOCK_M"]) * num_n,)
 
     if _interpreting():
-        _fwd_heuristic[grid](*args, **flags, BLOCK_M=32, BLOCK_K=64)
+        _fwd_heuristic[grid](*args, **flags, BLOCK_M=32, BLOCK_K=64, UPCAST_DOT=x.dtype == torch.bfloat16)
     else:
         _fwd_tuned[grid](*args, **flags)
 
