@@ -39,6 +39,10 @@ from typing import Dict, List, Optional, Tuple
 # Max dynamic shared memory per block (bytes) by compute capability.
 SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024, 100: 227 * 1024, 120: 99 * 1024}
 
+
+def _fits(shared: Optional[int], arch: int) -> bool:
+    return shared is not None and shared <= SHARED_LIMIT.get(arch, 99 * 1024)
+
 # Autotuned kernels: (module, kernel name) -> (attribute holding the configs, the
 # values of the constexprs its heuristics derive from runtime sizes, constexprs the
 # launcher sets only in the interpreter, with their GPU value). The interpreter
@@ -185,11 +189,10 @@ def record(path: str) -> int:
 def _jit_function(module: str, kernel: str):
     import triton
 
-    mod = importlib.import_module(module)
-    fn = getattr(mod, kernel)
+    fn = getattr(importlib.import_module(module), kernel)
     while not isinstance(fn, triton.runtime.jit.JITFunction):
         fn = fn.fn  # heuristics / autotune wrappers
-    return mod, fn
+    return fn
 
 
 def _compile_one(job: Tuple[dict, int]) -> dict:
@@ -198,7 +201,7 @@ def _compile_one(job: Tuple[dict, int]) -> dict:
     from triton.compiler import ASTSource
 
     entry, arch = job
-    mod, fn = _jit_function(entry["module"], entry["kernel"])
+    fn = _jit_function(entry["module"], entry["kernel"])
     signature, constexprs = {}, {}
     for p in fn.params:
         desc = entry["args"][p.name]
@@ -216,7 +219,7 @@ def _compile_one(job: Tuple[dict, int]) -> dict:
     except Exception as exc:  # report every failing variant, not just the first
         shared, error = None, f"{type(exc).__name__}: {str(exc).strip()[:2000]}"
     return {"kernel": f"{entry['module'].rsplit('.', 1)[-1]}.{entry['kernel']}", "arch": arch,
-            "constexprs": {k: v for k, v in constexprs.items()}, "options": options, "shared": shared,
+            "constexprs": constexprs, "options": options, "shared": shared,
             "error": error, "seconds": round(time.perf_counter() - t0, 2), "group": entry.get("group")}
 
 
@@ -266,13 +269,12 @@ def compile_all(path: str, archs: List[int], jobs: int, all_configs: bool = Fals
                       flush=True)
     failed = [r for r in results if r["error"]]
     too_big = [r for r in results if r["group"] is None and r["shared"] is not None
-               and r["shared"] > SHARED_LIMIT.get(r["arch"], 99 * 1024)]
+               and not _fits(r["shared"], r["arch"])]
     groups: Dict[tuple, List[dict]] = {}
     for r in results:
         if r["group"] is not None:
             groups.setdefault((r["group"], r["arch"]), []).append(r)
-    unfit = [k for k, rs in groups.items()
-             if not any(r["shared"] is not None and r["shared"] <= SHARED_LIMIT.get(k[1], 99 * 1024) for r in rs)]
+    unfit = [k for k, rs in groups.items() if not any(_fits(r["shared"], r["arch"]) for r in rs)]
     by_kernel: Dict[str, List[dict]] = {}
     for r in results:
         by_kernel.setdefault(r["kernel"], []).append(r)

@@ -95,7 +95,8 @@ class FusedSelfAttention(nn.Module):
     def __init__(self, embed_dim: int, num_heads: int, *, attn_l2_norm: bool = True,
                  scale: Optional[float] = None, attn_drop: float = 0.0, proj_drop: float = 0.0,
                  rope: bool = False, rope_scales: Optional[Sequence] = None, rope_mode: str = "round",
-                 rope_final: Optional[Sequence] = None, rope_base: float = 10000.0, pairing: str = "interleaved", backend: Optional[str] = None):
+                 rope_final: Optional[Sequence] = None, rope_base: float = 10000.0, pairing: str = "interleaved",
+                 backend: Optional[str] = None):
         super().__init__()
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim ({embed_dim}) must be a multiple of num_heads ({num_heads})")
@@ -131,7 +132,7 @@ class FusedSelfAttention(nn.Module):
         self.rope_final = rope_final
         # Derived tables, not state: non-persistent, so state_dict keys stay VAR's.
         if rope:
-            self.register_buffer("rope_freqs", axial_rope_freqs(self.head_dim, base=self.rope_base), persistent=False)
+            self.register_buffer("rope_freqs", self._rope_freqs(), persistent=False)
         if self.rope_scales is not None:
             self.register_buffer("rope_coords", self._rope_coords(), persistent=False)
         self.caching, self.cached_k, self.cached_v = False, None, None
@@ -143,10 +144,13 @@ class FusedSelfAttention(nn.Module):
         if self.rope:
             device = self.rope_freqs.device
             if self.rope_freqs.dtype != torch.float32:
-                self.rope_freqs = axial_rope_freqs(self.head_dim, base=self.rope_base).to(device)
+                self.rope_freqs = self._rope_freqs().to(device)
             if self.rope_scales is not None and self.rope_coords.dtype != torch.float32:
                 self.rope_coords = self._rope_coords().to(device)
         return self
+
+    def _rope_freqs(self) -> torch.Tensor:
+        return axial_rope_freqs(self.head_dim, base=self.rope_base)
 
     def _rope_coords(self) -> torch.Tensor:
         return pyramid_coords(self.rope_scales, mode=self.rope_mode, final=self.rope_final)
@@ -155,7 +159,7 @@ class FusedSelfAttention(nn.Module):
         key = prefix + "scale_mul_1H11"
         value = state_dict.get(key)
         H = self.num_heads
-        if self.attn_l2_norm and isinstance(value, torch.Tensor) and tuple(value.shape) == (1, 1, H, 1) and H > 1:
+        if self.attn_l2_norm and isinstance(value, torch.Tensor) and tuple(value.shape) == (1, 1, H, 1):
             state_dict[key] = value.reshape(1, H, 1, 1)  # Infinity's flash-attention layout
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 

@@ -77,7 +77,7 @@ class PyramidRoPE(nn.Module):
                 raise ValueError("mixed=True needs num_heads (the frequencies are learned per head)")
             self.freqs = nn.Parameter(rope_mixed_freqs(num_heads, head_dim, theta=mixed_theta).to(device))
         else:
-            self.register_buffer("freqs", axial_rope_freqs(head_dim, base=base, first=first).to(device), persistent=False)
+            self.register_buffer("freqs", self._axial_freqs().to(device), persistent=False)
         self.scales: Schedule = normalize_scales(scales)
         self.register_buffer("coords", self._build(self.scales, device), persistent=False)
         self._extra: Dict[Tuple[Schedule, torch.device], torch.Tensor] = {}
@@ -89,8 +89,11 @@ class PyramidRoPE(nn.Module):
         if self.coords.dtype != torch.float32:
             self.coords = self._build(self.scales, self.coords.device)
         if not self.mixed and self.freqs.dtype != torch.float32:
-            self.freqs = axial_rope_freqs(self.head_dim, base=self.base, first=self.first).to(self.freqs.device)
+            self.freqs = self._axial_freqs().to(self.freqs.device)
         return self
+
+    def _axial_freqs(self) -> torch.Tensor:
+        return axial_rope_freqs(self.head_dim, base=self.base, first=self.first)
 
     def _build(self, scales: Schedule, device) -> torch.Tensor:
         coords = pyramid_coords(scales, mode=self.mode, final=self.final, corner_scale=self.corner_scale)
