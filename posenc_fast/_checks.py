@@ -72,3 +72,11 @@ def empty(shape, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     if _POISON:
         out.fill_(float("nan"))
     return out
+
+
+def empty_like(t: torch.Tensor, *, dtype: torch.dtype) -> torch.Tensor:
+    """Contiguous output buffer shaped like ``t`` (cheaper on the host than ``empty``)."""
+    out = torch.empty_like(t, dtype=dtype, memory_format=torch.contiguous_format)
+    if _POISON:
+        out.fill_(float("nan"))
+    return out

@@ -21,7 +21,7 @@ import math
 import triton
 import triton.language as tl
 
-from ._launch import num_sms
+from ._launch import cdiv, next_power_of_2, num_sms
 
 _LN_10000 = math.log(10000.0)
 
@@ -108,24 +108,24 @@ def _bwd_levels_kernel(partial_ptr, offsets_ptr, dlvl_ptr, C, sdl, BLOCK_C: tl.c
 
 def pyramid_pos_level_add_fwd(x, pos, lvl, token_meta, out, *, start: int, pos_weight: float,
                               sincos_weight: float) -> None:
-    """Writes ``out`` (contiguous (B, n, C)). ``pos`` is (L, C) or None."""
+    """Writes ``out`` (contiguous (B, n, C)). ``pos`` is (L, C), (1, L, C) or None."""
     B, n, C = x.shape
     if B == 0 or n == 0:
         return
-    BLOCK_C = min(triton.next_power_of_2(C), 256)
-    BLOCK_T = max(1, min(2048 // BLOCK_C, triton.next_power_of_2(n)))
-    tiles = triton.cdiv(n, BLOCK_T) * triton.cdiv(C, BLOCK_C)
+    BLOCK_C = min(next_power_of_2(C), 256)
+    BLOCK_T = max(1, min(2048 // BLOCK_C, next_power_of_2(n)))
+    tiles = cdiv(n, BLOCK_T) * cdiv(C, BLOCK_C)
     # Split the batch until the grid fills the device; each program reuses its
     # embedding tile across its batch slice.
     splits = max(1, min(B, (8 * num_sms(x.device)) // max(tiles, 1)))
-    b_per_prog = triton.cdiv(B, splits)
-    grid = (triton.cdiv(n, BLOCK_T), triton.cdiv(C, BLOCK_C), triton.cdiv(B, b_per_prog))
+    b_per_prog = cdiv(B, splits)
+    grid = (cdiv(n, BLOCK_T), cdiv(C, BLOCK_C), cdiv(B, b_per_prog))
     has_pos = pos is not None
     _fwd_kernel[grid](
         x, pos if has_pos else lvl, lvl, token_meta, out,
         B, n, C, start, b_per_prog,
         x.stride(0), x.stride(1), x.stride(2),
-        pos.stride(0) if has_pos else 0, pos.stride(1) if has_pos else 0,
+        pos.stride(-2) if has_pos else 0, pos.stride(-1) if has_pos else 0,
         lvl.stride(0), lvl.stride(1),
         float(pos_weight), float(sincos_weight), -_LN_10000 / max(C // 2, 1),
         HAS_POS=has_pos, HAS_SINCOS=sincos_weight != 0.0,
@@ -138,17 +138,17 @@ def pyramid_pos_level_add_bwd(grad, dpos_window, dlvl, chunks, level_chunk_offse
     """Writes ``dpos_window`` (n, C) rows (when not None), every row of ``dlvl`` and ``partial``."""
     B, n, C = grad.shape
     num_chunks = chunks.shape[0]
-    BLOCK_C = min(triton.next_power_of_2(C), 128)
-    BLOCK_B = max(1, min(triton.next_power_of_2(max(B, 1)), 4096 // BLOCK_C))
+    BLOCK_C = min(next_power_of_2(C), 128)
+    BLOCK_B = max(1, min(next_power_of_2(max(B, 1)), 4096 // BLOCK_C))
     has_dpos = dpos_window is not None
     if num_chunks > 0:
-        _bwd_rows_kernel[(num_chunks, triton.cdiv(C, BLOCK_C))](
+        _bwd_rows_kernel[(num_chunks, cdiv(C, BLOCK_C))](
             grad, dpos_window if has_dpos else partial, partial, chunks,
             B, C, grad.stride(0), grad.stride(1), grad.stride(2),
             dpos_window.stride(0) if has_dpos else 0, float(pos_weight),
             HAS_DPOS=has_dpos, BLOCK_B=BLOCK_B, BLOCK_C=BLOCK_C,
         )
-    LEVEL_BLOCK_C = min(triton.next_power_of_2(C), 1024)
-    _bwd_levels_kernel[(dlvl.shape[0], triton.cdiv(C, LEVEL_BLOCK_C))](
+    LEVEL_BLOCK_C = min(next_power_of_2(C), 1024)
+    _bwd_levels_kernel[(dlvl.shape[0], cdiv(C, LEVEL_BLOCK_C))](
         partial, level_chunk_offsets, dlvl, C, dlvl.stride(0), BLOCK_C=LEVEL_BLOCK_C,
     )

@@ -37,6 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import cdiv, next_power_of_2
+
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -330,7 +332,7 @@ def qkv_proj_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     num_n = 3 * H // HEADS
 
     def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]) * num_n,)
+        return (cdiv(M, meta["BLOCK_M"]) * num_n,)
 
     if _interpreting():
         _fwd_heuristic[grid](*args, **flags, BLOCK_M=32, BLOCK_K=64, UPCAST_DOT=x.dtype == torch.bfloat16)
@@ -346,7 +348,7 @@ _BWD_BLOCK_M_INTERPRET = 32
 
 def bwd_row_blocks(M: int) -> int:
     """Number of row blocks (= rows of the partial-sum workspaces) of the backward."""
-    return triton.cdiv(M, _BWD_BLOCK_M_INTERPRET if _interpreting() else BWD_BLOCK_M)
+    return cdiv(M, _BWD_BLOCK_M_INTERPRET if _interpreting() else BWD_BLOCK_M)
 
 
 def qkv_proj_bwd(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
@@ -364,7 +366,7 @@ def qkv_proj_bwd(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, q: torch.
     HEADS = heads_per_tile(H, D)
     block_m = _BWD_BLOCK_M_INTERPRET if _interpreting() else BWD_BLOCK_M
     coords_t, freqs_t, (scb, scl, sca, sfh, sfa), A = _rope_args(coords, freqs, dqkv)
-    grid = (triton.cdiv(M, block_m), 3 * H // HEADS)
+    grid = (cdiv(M, block_m), 3 * H // HEADS)
     _bwd_kernel[grid](
         dq, dk, dv, q, k, dqkv if rstd is None else rstd, dqkv if q_scale is None else q_scale,
         coords_t, freqs_t, dqkv,

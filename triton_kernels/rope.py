@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import num_sms
+from ._launch import cdiv, next_power_of_2, num_sms
 
 
 @triton.jit
@@ -205,21 +205,22 @@ def _strides(t):
 def grid_shape(B: int, L: int, P: int, Hq: int, Hk: int, device: torch.device):
     """(BLOCK_L, token blocks, head splits, heads per program): ~2K pairs per head tile;
     heads are split across programs only when tokens x batch cannot fill the device."""
-    BLOCK_P = triton.next_power_of_2(P)
-    BLOCK_L = max(1, min(triton.next_power_of_2(max(L, 1)), 2048 // BLOCK_P))
-    n_l = triton.cdiv(L, BLOCK_L)
+    BLOCK_P = next_power_of_2(P)
+    BLOCK_L = max(1, min(next_power_of_2(max(L, 1)), 2048 // BLOCK_P))
+    n_l = cdiv(L, BLOCK_L)
     heads = Hq + Hk
     want = 4 * num_sms(device)
-    n_h = max(1, min(heads, triton.cdiv(want, max(n_l * B, 1))))
-    per = triton.cdiv(heads, n_h)
-    return BLOCK_L, n_l, triton.cdiv(heads, per), per
+    n_h = max(1, min(heads, cdiv(want, max(n_l * B, 1))))
+    per = cdiv(heads, n_h)
+    return BLOCK_L, n_l, cdiv(heads, per), per
 
 
-def apply_rope(q, k, q_out, k_out, coords, freqs, *, interleaved: bool, conjugate: bool,
+def apply_rope(q, k, q_out, k_out, coords, coord_strides, freqs, *, interleaved: bool, conjugate: bool,
                q_saved=None, k_saved=None, partial=None) -> None:
     """Rotates q (B, Hq, L, D) into q_out and k (B, Hk, L, D) (or None) into k_out.
 
-    coords: fp32 (B or 1, L, A) (batch stride 0 for shared coords); freqs: fp32
+    coords: fp32 (L, A) or (B or 1, L, A), read through ``coord_strides`` (batch,
+    token, axis; batch stride 0 for shared coords); freqs: fp32
     (A, P) or per head (Hq, A, P). ``partial`` (fp32, see ``partial_rows``) turns on
     the d freqs reduction, which needs the forward outputs ``q_saved`` / ``k_saved``
     (k only when k is given); q/k are then the output gradients."""
@@ -240,10 +241,10 @@ def apply_rope(q, k, q_out, k_out, coords, freqs, *, interleaved: bool, conjugat
         q, kk, q_out, ko, qy, ky, coords, freqs, partial if dfreqs else coords,
         L, P, Hq, Hk, per, n_h, 2 if Hk else 1,
         *_strides(q), *_strides(kk), *_strides(q_out), *_strides(ko), *_strides(qy), *_strides(ky),
-        coords.stride(0) if coords.shape[0] > 1 else 0, coords.stride(1), coords.stride(2), *fs,
-        A=A, BLOCK_A=triton.next_power_of_2(A), BLOCK_L=BLOCK_L, BLOCK_P=triton.next_power_of_2(P),
+        *coord_strides, *fs,
+        A=A, BLOCK_A=next_power_of_2(A), BLOCK_L=BLOCK_L, BLOCK_P=next_power_of_2(P),
         INTERLEAVED=interleaved, CONJ=conjugate, PER_HEAD=per_head, DFREQS=dfreqs,
-        EVEN_P=P == triton.next_power_of_2(P),
+        EVEN_P=P == next_power_of_2(P),
     )
 
 

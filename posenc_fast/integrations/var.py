@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from .. import _backends
-from ..nn.attention import self_attention_forward
+from ..nn.attention import _PARAMS_CACHE, self_attention_forward
 from ..ops.pyramid import pyramid_pos_level_add
 
 # The patch bookkeeping lives on the instances (deep copies of a patched model stay
@@ -171,6 +171,7 @@ def unpatch_var(model: nn.Module) -> nn.Module:
         raise ValueError(f"unpatch_var: this {type(model).__name__} is not patched by patch_var")
     for module, previous in saved:
         module.__dict__.pop(_BACKEND, None)
+        module.__dict__.pop(_PARAMS_CACHE, None)
         if previous is None:
             module.__dict__.pop("forward", None)
         else:

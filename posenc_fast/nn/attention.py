@@ -33,6 +33,31 @@ def block_causal_bias(patch_nums: Sequence, *, dtype: torch.dtype = torch.float3
     return torch.where(visible, zero, torch.full((), -math.inf, dtype=dtype, device=device))[None, None]
 
 
+_PARAMS_CACHE = "_posenc_fast_qkv_params"  # instance attribute: (key, q_scale, bias)
+
+
+def _projection_params(attn: nn.Module):
+    """qkv_proj's q_scale (clamped exp of ``scale_mul_1H11``, or None) and packed
+    q | 0 | v bias. Without autograd (sampling) they are cached on the module until a
+    parameter changes (in-place update, load, move: its version or address changes),
+    which saves the host four small ops per block and scale."""
+    params = (attn.q_bias, attn.zero_k_bias, attn.v_bias) + (
+        (attn.scale_mul_1H11,) if attn.attn_l2_norm else ())
+    key = None
+    if not torch.is_grad_enabled():
+        key = tuple((p._version, p.data_ptr(), p.dtype) for p in params)
+        cached = attn.__dict__.get(_PARAMS_CACHE)
+        if cached is not None and cached[0] == key:
+            return cached[1], cached[2]
+    q_scale = None
+    if attn.attn_l2_norm:
+        q_scale = attn.scale_mul_1H11.clamp_max(attn.max_scale_mul).exp().reshape(attn.num_heads)
+    bias = torch.cat(params[:3])
+    if key is not None:
+        attn.__dict__[_PARAMS_CACHE] = (key, q_scale, bias)
+    return q_scale, bias
+
+
 def self_attention_forward(attn: nn.Module, x: torch.Tensor, attn_bias: Optional[torch.Tensor], *,
                            coords: Optional[torch.Tensor] = None, freqs: Optional[torch.Tensor] = None,
                            pairing: str = "interleaved", backend: Optional[str] = None) -> torch.Tensor:
@@ -44,10 +69,7 @@ def self_attention_forward(attn: nn.Module, x: torch.Tensor, attn_bias: Optional
     """
     B, L, C = x.shape
     H = attn.num_heads
-    q_scale = None
-    if attn.attn_l2_norm:
-        q_scale = attn.scale_mul_1H11.clamp_max(attn.max_scale_mul).exp().reshape(H)
-    bias = torch.cat((attn.q_bias, attn.zero_k_bias, attn.v_bias))
+    q_scale, bias = _projection_params(attn)
     q, k, v = qkv_proj(x, attn.mat_qkv.weight, bias, num_heads=H, qk_l2norm=attn.attn_l2_norm,
                        q_scale=q_scale, coords=coords, freqs=freqs, pairing=pairing, backend=backend)
     if attn.caching:

@@ -15,7 +15,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from .. import _backends, _checks
+from .. import _backends, _checks, _fastpath
 from .. import _cuda
 from ..reference import pyramid as ref
 from ..reference.pyramid import Scale, normalize_scales, pyramid_length
@@ -26,18 +26,20 @@ OP = "pyramid_pos_level_add"
 _CHUNK_ROWS = 8
 
 
-def _flat(scales: Tuple[Tuple[int, int], ...]) -> List[int]:
-    return [v for hw in scales for v in hw]
+def _flat(scales: Tuple[Tuple[int, int], ...]) -> Tuple[int, ...]:
+    """The scales as the flat int list the custom ops take (a tuple: it keys caches)."""
+    return tuple(v for hw in scales for v in hw)
 
 
-def _unflat(flat: Sequence[int]) -> Tuple[Tuple[int, int], ...]:
+@functools.lru_cache(maxsize=128)
+def _unflat(flat: Tuple[int, ...]) -> Tuple[Tuple[int, int], ...]:
     return tuple((int(flat[i]), int(flat[i + 1])) for i in range(0, len(flat), 2))
 
 
 @functools.lru_cache(maxsize=128)
-def _token_meta(scales: Tuple[Tuple[int, int], ...], device: torch.device) -> torch.Tensor:
+def _token_meta(flat: Tuple[int, ...], device: torch.device) -> torch.Tensor:
     """int32 (L, 3) table of (level, row, col), cached per pyramid and device."""
-    return ref.token_table(scales, device=device).to(torch.int32)
+    return ref.token_table(_unflat(flat), device=device).to(torch.int32)
 
 
 @functools.lru_cache(maxsize=128)
@@ -57,30 +59,35 @@ def _chunk_tables(scales: Tuple[Tuple[int, int], ...], start: int, n: int,
     return table.to(device), torch.tensor(offsets, dtype=torch.int32, device=device)
 
 
-@torch.library.custom_op("posenc_fast::pyramid_pos_level_add", mutates_args=())
-def _fwd_op(x: torch.Tensor, pos: Optional[torch.Tensor], lvl: torch.Tensor, scales: List[int],
-            start: int, pos_weight: float, sincos_weight: float, backend: str) -> torch.Tensor:
-    sc = _unflat(scales)
-    B, n, C = x.shape
-    out = _checks.empty((B, n, C), dtype=ref.output_dtype(x, pos, lvl), device=x.device)
-    meta = _token_meta(sc, x.device)
+def _launch_fwd(x: torch.Tensor, pos: Optional[torch.Tensor], lvl: torch.Tensor, meta: torch.Tensor,
+                out: torch.Tensor, start: int, pos_weight: float, sincos_weight: float, backend: str) -> None:
+    """Writes ``out``; pos is (L, C), (1, L, C) or None."""
     if backend == "triton":
         from ..triton_kernels import pyramid_pos_level_add as tk
 
         tk.pyramid_pos_level_add_fwd(x, pos, lvl, meta, out, start=start, pos_weight=pos_weight,
                                      sincos_weight=sincos_weight)
     elif backend == "cuda":
-        lib = _cuda.lib()
-        lib.pyramid_pos_level_add_fwd(
-            _cuda.ptr(x), _cuda.dtype_code(x), list(x.stride()),
+        B, n, C = x.shape
+        _cuda.lib().pyramid_pos_level_add_fwd(
+            x.data_ptr(), _cuda.dtype_code(x), list(x.stride()),
             _cuda.ptr(pos), _cuda.dtype_code(pos) if pos is not None else 0,
-            list(pos.stride()) if pos is not None else [0, 0],
-            _cuda.ptr(lvl), _cuda.dtype_code(lvl), list(lvl.stride()),
-            _cuda.ptr(meta), _cuda.ptr(out), _cuda.dtype_code(out), B, n, C, start,
+            list(pos.stride()[-2:]) if pos is not None else [0, 0],
+            lvl.data_ptr(), _cuda.dtype_code(lvl), list(lvl.stride()),
+            meta.data_ptr(), out.data_ptr(), _cuda.dtype_code(out), B, n, C, start,
             pos_weight, sincos_weight, x.device.index, _cuda.stream(x.device))
     else:
         raise ValueError(f"posenc_fast::{OP} has no kernel for backend {backend!r}")
+
+
+def _forward(x: torch.Tensor, pos: Optional[torch.Tensor], lvl: torch.Tensor, scales: List[int],
+             start: int, pos_weight: float, sincos_weight: float, backend: str) -> torch.Tensor:
+    out = _checks.empty_like(x, dtype=ref.output_dtype(x, pos, lvl))
+    _launch_fwd(x, pos, lvl, _token_meta(tuple(scales), x.device), out, start, pos_weight, sincos_weight, backend)
     return out
+
+
+_fwd_op = torch.library.custom_op("posenc_fast::pyramid_pos_level_add", mutates_args=())(_forward)
 
 
 @_fwd_op.register_fake
@@ -88,11 +95,10 @@ def _(x, pos, lvl, scales, start, pos_weight, sincos_weight, backend):
     return x.new_empty(x.shape, dtype=ref.output_dtype(x, pos, lvl))
 
 
-@torch.library.custom_op("posenc_fast::pyramid_pos_level_add_backward", mutates_args=())
-def _bwd_op(grad: torch.Tensor, scales: List[int], start: int, L: int, pos_weight: float,
+def _backward_impl(grad: torch.Tensor, scales: List[int], start: int, L: int, pos_weight: float,
             need_dpos: bool, pos_dtype: torch.dtype, lvl_dtype: torch.dtype,
             backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
-    sc = _unflat(scales)
+    sc = _unflat(tuple(scales))
     B, n, C = grad.shape
     dev = grad.device
     chunks, offsets = _chunk_tables(sc, start, n, dev)
@@ -123,6 +129,9 @@ def _bwd_op(grad: torch.Tensor, scales: List[int], start: int, L: int, pos_weigh
     return dpos, dlvl
 
 
+_bwd_op = torch.library.custom_op("posenc_fast::pyramid_pos_level_add_backward", mutates_args=())(_backward_impl)
+
+
 @_bwd_op.register_fake
 def _(grad, scales, start, L, pos_weight, need_dpos, pos_dtype, lvl_dtype, backend):
     C = grad.shape[2]
@@ -144,14 +153,16 @@ def _backward(ctx, grad):
     dx = grad.to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
     if not (need_pos or need_lvl):
         return dx, None, None, None, None, None, None, None
-    L = pyramid_length(_unflat(ctx.scales))
-    dpos, dlvl = _bwd_op(grad, ctx.scales, ctx.start, L, ctx.pos_weight, bool(ctx.has_pos and need_pos),
+    L = pyramid_length(_unflat(tuple(ctx.scales)))
+    dpos, dlvl = _fastpath.pick(_bwd_op, _backward_impl, grad)(grad, ctx.scales, ctx.start, L, ctx.pos_weight, bool(ctx.has_pos and need_pos),
                          ctx.pos_dtype, ctx.lvl_dtype, ctx.backend)
     dpos = dpos.reshape(ctx.pos_shape) if (ctx.has_pos and need_pos) else None
     return dx, dpos, (dlvl if need_lvl else None), None, None, None, None, None
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
+_Function = _fastpath.autograd_function(_forward, _setup_context, _backward, "PyramidPosLevelAdd")
+_PLANS = _fastpath.PlanCache()
 
 
 def _validate(x, pos, lvl, patch_nums, start, pos_weight, sincos_weight):
@@ -209,11 +220,29 @@ def pyramid_pos_level_add(x: torch.Tensor, pos: Optional[torch.Tensor], lvl: tor
     sums in fp32. Gradients: ``dx = dout``; ``dpos`` for the window rows and ``dlvl``
     come from one deterministic pass over ``dout``.
     """
-    device, scales = _validate(x, pos, lvl, patch_nums, start, pos_weight, sincos_weight)
-    name = _backends.resolve_backend(OP, backend, device)
+    requested = _backends.requested_backend(backend)
+    try:
+        key = (requested, _fastpath.tensor_key(x), _fastpath.tensor_key(pos), _fastpath.tensor_key(lvl),
+               tuple(patch_nums), start, pos_weight, sincos_weight)
+    except (AttributeError, TypeError):  # not tensors / not a sequence: the checks say what is wrong
+        key = None
+
+    def plan():
+        device, scales = _validate(x, pos, lvl, patch_nums, start, pos_weight, sincos_weight)
+        name = _backends.resolve_backend(OP, requested, device)
+        flat = _flat(scales)
+        meta = None if name == "reference" else _token_meta(flat, device)
+        return name, scales, flat, ref.output_dtype(x, pos, lvl), meta
+
+    name, scales, flat, out_dtype, meta = _PLANS.get(key, plan)
+    pos_weight, sincos_weight = float(pos_weight), float(sincos_weight)
     if name == "reference":
-        return ref.pyramid_pos_level_add(x, pos, lvl, scales, start=start, pos_weight=float(pos_weight),
-                                         sincos_weight=float(sincos_weight))
-    pos2d = None if pos is None else (pos[0] if pos.dim() == 3 else pos)
-    out = _fwd_op(x, pos2d, lvl, _flat(scales), start, float(pos_weight), float(sincos_weight), name)
+        return ref.pyramid_pos_level_add(x, pos, lvl, scales, start=start, pos_weight=pos_weight,
+                                         sincos_weight=sincos_weight)
+    if not _fastpath.eager(x, pos, lvl):
+        return _fwd_op(x, pos, lvl, flat, start, pos_weight, sincos_weight, name)
+    if _fastpath.needs_autograd(x, pos, lvl):
+        return _Function.apply(x, pos, lvl, flat, start, pos_weight, sincos_weight, name)
+    out = _checks.empty_like(x, dtype=out_dtype)
+    _launch_fwd(x, pos, lvl, meta, out, start, pos_weight, sincos_weight, name)
     return out

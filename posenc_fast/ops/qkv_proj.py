@@ -28,7 +28,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from .. import _backends, _checks, _cuda
+from .. import _backends, _checks, _cuda, _fastpath
 from ..reference import qkv_proj as ref
 
 OP = "qkv_proj"
@@ -47,8 +47,7 @@ def _rope_strides(coords: Optional[torch.Tensor], freqs: Optional[torch.Tensor])
     return [cb, coords.stride(-2), coords.stride(-1)], [fh, freqs.stride(-2)], coords.shape[-1]
 
 
-@torch.library.custom_op("posenc_fast::qkv_proj", mutates_args=())
-def _fwd_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], q_scale: Optional[torch.Tensor],
+def _forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], q_scale: Optional[torch.Tensor],
             coords: Optional[torch.Tensor], freqs: Optional[torch.Tensor], num_heads: int, qk_l2norm: bool,
             half_pairing: bool, backend: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     B, L, C = x.shape
@@ -67,16 +66,19 @@ def _fwd_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
         tk.qkv_proj_fwd(x, weight, bias, q_scale, coords, freqs, q, k, v, rstd if qk_l2norm else None,
                         num_heads=H, half_pairing=half_pairing)
     elif backend == "cuda":
-        qkv = F.linear(x.reshape(M, C), weight)  # cuBLAS; the bias is added by the epilogue
+        qkv = F.linear(x, weight)  # cuBLAS, (B, L, 3C) contiguous; the bias is added by the epilogue
         cs, fs, axes = _rope_strides(coords, freqs)
         _cuda.lib().qkv_proj_fwd(
-            _cuda.ptr(qkv), qkv.stride(0), _cuda.ptr(bias), _cuda.dtype_code(qkv), _cuda.ptr(q_scale),
+            qkv.data_ptr(), qkv.stride(1), _cuda.ptr(bias), _cuda.dtype_code(qkv), _cuda.ptr(q_scale),
             _cuda.ptr(coords), cs, _cuda.ptr(freqs), fs, axes, half_pairing,
             _cuda.ptr(q), _cuda.ptr(k), _cuda.ptr(v), _cuda.ptr(rstd) if qk_l2norm else 0,
             B, L, H, D, dev.index, _cuda.stream(dev))
     else:
         raise ValueError(f"posenc_fast::{OP} has no kernel for backend {backend!r}")
     return q, k, v, rstd
+
+
+_fwd_op = torch.library.custom_op("posenc_fast::qkv_proj", mutates_args=())(_forward)
 
 
 @_fwd_op.register_fake
@@ -88,8 +90,7 @@ def _(x, weight, bias, q_scale, coords, freqs, num_heads, qk_l2norm, half_pairin
     return x.new_empty(shape), x.new_empty(shape), x.new_empty(shape), rstd
 
 
-@torch.library.custom_op("posenc_fast::qkv_proj_backward", mutates_args=())
-def _bwd_op(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+def _backward_impl(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
             rstd: torch.Tensor, q_scale: Optional[torch.Tensor], coords: Optional[torch.Tensor],
             freqs: Optional[torch.Tensor], qk_l2norm: bool, half_pairing: bool, need_dbias: bool,
             need_dscale: bool, need_dfreqs: bool,
@@ -143,6 +144,9 @@ def _bwd_op(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, q: torch.Tenso
     return dqkv, dbias, dscale, dfreqs
 
 
+_bwd_op = torch.library.custom_op("posenc_fast::qkv_proj_backward", mutates_args=())(_backward_impl)
+
+
 @_bwd_op.register_fake
 def _(dq, dk, dv, q, k, rstd, q_scale, coords, freqs, qk_l2norm, half_pairing, need_dbias, need_dscale,
       need_dfreqs, backend):
@@ -170,7 +174,8 @@ def _backward(ctx, dq, dk, dv, _drstd):
     dq = torch.zeros_like(q) if dq is None else dq
     dk = torch.zeros_like(k) if dk is None else dk
     dv = torch.zeros_like(q) if dv is None else dv
-    dqkv, dbias, dscale, dfreqs = _bwd_op(dq, dk, dv, q, k, rstd, q_scale, coords, freqs, ctx.qk_l2norm,
+    bwd = _fastpath.pick(_bwd_op, _backward_impl, dq, dk, dv)
+    dqkv, dbias, dscale, dfreqs = bwd(dq, dk, dv, q, k, rstd, q_scale, coords, freqs, ctx.qk_l2norm,
                                           ctx.half_pairing, need_b, need_s, need_f, ctx.backend)
     B, L, C = x.shape
     dx = (dqkv @ weight).view(B, L, C) if need_x else None
@@ -180,6 +185,8 @@ def _backward(ctx, dq, dk, dv, _drstd):
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
+_Function = _fastpath.autograd_function(_forward, _setup_context, _backward, "QkvProj")
+_PLANS = _fastpath.PlanCache()
 
 
 def _check_bool(name: str, v) -> None:
@@ -230,11 +237,11 @@ def _validate(x, weight, bias, num_heads, qk_l2norm, q_scale, coords, freqs, pai
     return device
 
 
-def _check_dtypes(x, weight, bias) -> None:
+def _check_dtypes(x_dtype: torch.dtype, weight, bias) -> None:
     for name, t in (("weight", weight), ("bias", bias)):
-        if t is not None and t.dtype != x.dtype:
+        if t is not None and t.dtype != x_dtype:
             raise TypeError(f"{name} has dtype {str(t.dtype).replace('torch.', '')} but x has "
-                            f"{str(x.dtype).replace('torch.', '')}: they must match (or run under autocast)")
+                            f"{str(x_dtype).replace('torch.', '')}: they must match (or run under autocast)")
 
 
 def _backend_limits(D: int, coords: Optional[torch.Tensor]):
@@ -252,9 +259,9 @@ def _backend_limits(D: int, coords: Optional[torch.Tensor]):
     return reason
 
 
-def _autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
-    if device.type in ("cuda", "cpu") and torch.is_autocast_enabled(device.type):
-        return torch.get_autocast_dtype(device.type)
+def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
     return None
 
 
@@ -282,21 +289,42 @@ def qkv_proj(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
     head_dim <= 256 and at most 4 rope axes. ``auto`` takes the fastest backend
     whose limits admit the call; a backend named explicitly raises ValueError.
     """
-    device = _validate(x, weight, bias, num_heads, qk_l2norm, q_scale, coords, freqs, pairing)
-    name = _backends.resolve_backend(OP, backend, device, _backend_limits(x.shape[2] // num_heads, coords))
-    cast = _autocast_dtype(device)
+    requested = _backends.requested_backend(backend)
+    try:
+        dev_type = x.device.type
+        key = (requested, _fastpath.tensor_key(x), _fastpath.tensor_key(weight), _fastpath.tensor_key(bias),
+               num_heads, qk_l2norm, _fastpath.tensor_key(q_scale), _fastpath.tensor_key(coords),
+               _fastpath.tensor_key(freqs), pairing, _autocast_dtype(dev_type))
+    except (AttributeError, TypeError):  # not tensors: the checks say what is wrong
+        key = None
+
+    def plan():
+        device = _validate(x, weight, bias, num_heads, qk_l2norm, q_scale, coords, freqs, pairing)
+        name = _backends.resolve_backend(OP, requested, device, _backend_limits(x.shape[2] // num_heads, coords))
+        cast = _autocast_dtype(device.type)
+        dt = x.dtype if cast is None else cast
+        _check_dtypes(dt, weight if cast is None else None, bias if cast is None else None)
+        return name, cast, device
+
+    name, cast, device = _PLANS.get(key, plan)
     if cast is not None:
         x, weight = x.to(cast), weight.to(cast)
         bias = None if bias is None else bias.to(cast)
-    _check_dtypes(x, weight, bias)
-    with torch.autocast(device.type, enabled=False) if cast is not None else contextlib.nullcontext():
-        if name == "reference":
+    if name == "reference":
+        with torch.autocast(device.type, enabled=False) if cast is not None else contextlib.nullcontext():
             return ref.qkv_proj(x, weight, bias, num_heads=num_heads, qk_l2norm=qk_l2norm, q_scale=q_scale,
                                 coords=coords, freqs=freqs, pairing=pairing)
-        q, k, v, _ = _fwd_op(
-            x, weight, None if bias is None else bias.contiguous(),
+    # The fused path needs no autocast guard: its inputs are cast already, and the
+    # only autocast-aware op it calls (the CUDA backend's F.linear) then keeps them.
+    args = (x, weight, None if bias is None else bias.contiguous(),
             None if q_scale is None else q_scale.float().contiguous(),
             None if coords is None else coords.float().contiguous(),
             None if freqs is None else freqs.float().contiguous(),
             num_heads, qk_l2norm, pairing == "half", name)
+    if not _fastpath.eager(x, weight, bias, q_scale, coords, freqs):
+        q, k, v, _ = _fwd_op(*args)
+    elif _fastpath.needs_autograd(x, weight, bias, q_scale, coords, freqs):
+        q, k, v, _ = _Function.apply(*args)
+    else:
+        q, k, v, _ = _forward(*args)
     return q, k, v

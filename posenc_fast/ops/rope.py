@@ -19,7 +19,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .. import _backends, _checks
+from .. import _backends, _checks, _fastpath
 from .. import _cuda
 from ..reference import rope as ref
 from ..reference.rope import (PAIRINGS, axial_rope_freqs, mrope_freqs, pyramid_coords,  # noqa: F401
@@ -34,6 +34,8 @@ MAX_CUDA_AXES = 4
 def _dense_like(t: torch.Tensor) -> torch.Tensor:
     """Uninitialised (poisoned in tests) dense tensor shaped like ``t`` whose strides
     follow ``t``'s stride order (ties keep the logical order)."""
+    if t.is_contiguous():
+        return _checks.empty_like(t, dtype=t.dtype)
     order = sorted(range(t.dim()), key=lambda d: -t.stride(d))
     buf = _checks.empty([t.shape[d] for d in order], dtype=t.dtype, device=t.device)
     inverse = [0] * t.dim()
@@ -50,15 +52,22 @@ def _fake_dense_like(t: torch.Tensor) -> torch.Tensor:
     return t.new_empty([t.shape[d] for d in order]).permute(inverse)
 
 
-def _coords3(coords: torch.Tensor) -> torch.Tensor:
-    return coords[None] if coords.dim() == 2 else coords
+def _coord_strides(coords: torch.Tensor) -> Tuple[int, int, int]:
+    """(batch, token, axis) strides of (L, A) or (B, L, A) coords; batch 0 when shared."""
+    if coords.dim() == 2:
+        return 0, coords.stride(0), coords.stride(1)
+    return coords.stride(0) if coords.shape[0] > 1 else 0, coords.stride(1), coords.stride(2)
+
+
+def _fp32(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == torch.float32 else t.float()
 
 
 def _launch(q, k, q_out, k_out, coords, freqs, interleaved, conjugate, backend,
             q_saved=None, k_saved=None, dfreqs=None):
     """Runs the rotation kernel; with ``dfreqs`` (fp32, shaped like freqs) also the
     deterministic d freqs reduction into it, from the saved forward outputs."""
-    c3 = _coords3(coords)
+    cs = _coord_strides(coords)
     B, Hq, L, D = q.shape
     Hk = 0 if k is None else k.shape[1]
     per_head = freqs.dim() == 3
@@ -70,7 +79,7 @@ def _launch(q, k, q_out, k_out, coords, freqs, interleaved, conjugate, backend,
         if dfreqs is not None:
             rows = tk.partial_rows(B, L, D // 2, Hq, Hk, per_head, q.device)
             partial = _checks.empty((rows, A, D // 2), dtype=torch.float32, device=q.device)
-        tk.apply_rope(q, k, q_out, k_out, c3, freqs, interleaved=interleaved, conjugate=conjugate,
+        tk.apply_rope(q, k, q_out, k_out, coords, cs, freqs, interleaved=interleaved, conjugate=conjugate,
                       q_saved=q_saved, k_saved=k_saved, partial=partial)
         if dfreqs is not None:
             # Stage two of the reduction: a fixed-order sum over the partials.
@@ -92,7 +101,7 @@ def _launch(q, k, q_out, k_out, coords, freqs, interleaved, conjugate, backend,
             _cuda.ptr(q), list(q.stride()), _cuda.ptr(kk), list(kk.stride()),
             _cuda.ptr(q_out), list(q_out.stride()), _cuda.ptr(ko), list(ko.stride()),
             _cuda.ptr(qy), list(qy.stride()), _cuda.ptr(ky), list(ky.stride()), _cuda.dtype_code(q),
-            _cuda.ptr(c3), [c3.stride(0) if c3.shape[0] > 1 else 0, c3.stride(1), c3.stride(2)],
+            coords.data_ptr(), list(cs),
             _cuda.ptr(freqs), fstr, B, Hq, Hk, L, D, A, per_head, interleaved, conjugate,
             _cuda.ptr(workspace), _cuda.ptr(dfreqs), q.device.index, _cuda.stream(q.device))
     else:
@@ -101,8 +110,7 @@ def _launch(q, k, q_out, k_out, coords, freqs, interleaved, conjugate, backend,
 
 # ---------------------------------------------------------------- out of place
 
-@torch.library.custom_op("posenc_fast::apply_rope", mutates_args=())
-def _rope_op(q: torch.Tensor, k: Optional[torch.Tensor], coords: torch.Tensor, freqs: torch.Tensor,
+def _forward(q: torch.Tensor, k: Optional[torch.Tensor], coords: torch.Tensor, freqs: torch.Tensor,
              interleaved: bool, conjugate: bool, backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
     q_out = _dense_like(q)
     k_out = _dense_like(k) if k is not None else q.new_empty((0,))
@@ -110,13 +118,15 @@ def _rope_op(q: torch.Tensor, k: Optional[torch.Tensor], coords: torch.Tensor, f
     return q_out, k_out
 
 
+_rope_op = torch.library.custom_op("posenc_fast::apply_rope", mutates_args=())(_forward)
+
+
 @_rope_op.register_fake
 def _(q, k, coords, freqs, interleaved, conjugate, backend):
     return _fake_dense_like(q), (_fake_dense_like(k) if k is not None else q.new_empty((0,)))
 
 
-@torch.library.custom_op("posenc_fast::apply_rope_backward", mutates_args=())
-def _rope_bwd_op(grad_q: torch.Tensor, grad_k: Optional[torch.Tensor], q_out: torch.Tensor,
+def _backward_impl(grad_q: torch.Tensor, grad_k: Optional[torch.Tensor], q_out: torch.Tensor,
                  k_out: Optional[torch.Tensor], coords: torch.Tensor, freqs: torch.Tensor, interleaved: bool,
                  conjugate: bool, backend: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of a rotation whose outputs were (q_out, k_out): the conjugate
@@ -129,6 +139,9 @@ def _rope_bwd_op(grad_q: torch.Tensor, grad_k: Optional[torch.Tensor], q_out: to
     if conjugate:  # d/dtheta of R(-theta) is minus that of R(theta)
         dfreqs.neg_()
     return dq, dk, dfreqs
+
+
+_rope_bwd_op = torch.library.custom_op("posenc_fast::apply_rope_backward", mutates_args=())(_backward_impl)
 
 
 @_rope_bwd_op.register_fake
@@ -154,15 +167,19 @@ def _backward(ctx, grad_q, grad_k):
     gk = grad_k if ctx.has_k else None
     if ctx.need_dfreqs:
         coords, freqs, q_out, k_out = ctx.saved_tensors
-        dq, dk, dfreqs = _rope_bwd_op(grad_q, gk, q_out, k_out, coords, freqs, interleaved, conjugate, backend)
+        bwd = _fastpath.pick(_rope_bwd_op, _backward_impl, grad_q, gk)
+        dq, dk, dfreqs = bwd(grad_q, gk, q_out, k_out, coords, freqs, interleaved, conjugate, backend)
     else:
         coords, freqs = ctx.saved_tensors
-        dq, dk = _rope_op(grad_q, gk, coords, freqs, interleaved, not conjugate, backend)
+        dq, dk = _fastpath.pick(_rope_op, _forward, grad_q, gk)(grad_q, gk, coords, freqs, interleaved,
+                                                                 not conjugate, backend)
         dfreqs = None
     return dq, (dk if ctx.has_k else None), None, dfreqs, None, None, None
 
 
 _rope_op.register_autograd(_backward, setup_context=_setup_context)
+_Function = _fastpath.autograd_function(_forward, _setup_context, _backward, "ApplyRope")
+_PLANS = _fastpath.PlanCache()
 
 
 # -------------------------------------------------------------------- in place
@@ -197,7 +214,7 @@ class _InplaceRope(torch.autograd.Function):
     def backward(ctx, grad):
         interleaved, backend = ctx.args
         coords, freqs = ctx.saved_tensors
-        dx, _ = _rope_op(grad, None, coords, freqs, interleaved, True, backend)
+        dx, _ = _fastpath.pick(_rope_op, _forward, grad)(grad, None, coords, freqs, interleaved, True, backend)
         return dx, None, None, None, None
 
 
@@ -246,6 +263,24 @@ def _check_fused(name, q, coords):
         raise ValueError(f"the cuda backend supports up to {MAX_CUDA_AXES} axes, coords has {coords.shape[-1]}")
 
 
+def _plan(q, k, coords, freqs, pairing, backend) -> str:
+    """The backend that runs this call, after the argument checks (cached per signature)."""
+    requested = _backends.requested_backend(backend)
+    try:
+        key = (requested, _fastpath.tensor_key(q), _fastpath.tensor_key(k), _fastpath.tensor_key(coords),
+               _fastpath.tensor_key(freqs), pairing)
+    except (AttributeError, TypeError):  # not tensors: the checks say what is wrong
+        key = None
+
+    def build():
+        name = _backends.resolve_backend(OP, requested, _validate(q, k, coords, freqs, pairing))
+        if name != "reference":
+            _check_fused(name, q, coords)
+        return name
+
+    return _PLANS.get(key, build)
+
+
 def apply_rope(q: torch.Tensor, k: Optional[torch.Tensor], coords: torch.Tensor, freqs: torch.Tensor, *,
                pairing: str = "interleaved",
                backend: Optional[str] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -266,12 +301,16 @@ def apply_rope(q: torch.Tensor, k: Optional[torch.Tensor], coords: torch.Tensor,
     Math in fp32 with autocast off; outputs in the input dtype. Gradients flow to q,
     k and (when it requires grad) freqs; d freqs is a deterministic reduction.
     """
-    device = _validate(q, k, coords, freqs, pairing)
-    name = _backends.resolve_backend(OP, backend, device)
+    name = _plan(q, k, coords, freqs, pairing, backend)
     if name == "reference":
         return ref.apply_rope(q, k, coords, freqs, pairing=pairing)
-    _check_fused(name, q, coords)
-    q_out, k_out = _rope_op(q, k, coords.float(), freqs.float(), pairing == "interleaved", False, name)
+    args = (q, k, _fp32(coords), _fp32(freqs), pairing == "interleaved", False, name)
+    if not _fastpath.eager(q, k, coords, freqs):
+        q_out, k_out = _rope_op(*args)
+    elif _fastpath.needs_autograd(q, k, freqs):
+        q_out, k_out = _Function.apply(*args)
+    else:
+        q_out, k_out = _forward(*args)
     return q_out, (k_out if k is not None else None)
 
 
@@ -286,8 +325,7 @@ def apply_rope_(q: torch.Tensor, k: Optional[torch.Tensor], coords: torch.Tensor
     q and k are rotated in one launch; with it, in one launch each; with learnable
     freqs (requires_grad) out of place and copied back.
     """
-    device = _validate(q, k, coords, freqs, pairing)
-    name = _backends.resolve_backend(OP, backend, device)
+    name = _plan(q, k, coords, freqs, pairing, backend)
     if name == "reference":
         # Clones: for fp32 the reference's .float() would alias what copy_ overwrites.
         q_out, k_out = ref.apply_rope(q.clone(), None if k is None else k.clone(), coords, freqs,
@@ -296,9 +334,8 @@ def apply_rope_(q: torch.Tensor, k: Optional[torch.Tensor], coords: torch.Tensor
         if k is not None:
             k.copy_(k_out)
         return q, k
-    _check_fused(name, q, coords)
     interleaved = pairing == "interleaved"
-    c, f = coords.float(), freqs.float()
+    c, f = _fp32(coords), _fp32(freqs)
     if torch.is_grad_enabled() and f.requires_grad:
         # d freqs needs the rotated values, which a later write to the same buffer
         # (k after q in a packed qkv tensor) would clobber: rotate out of place into
@@ -313,5 +350,9 @@ def apply_rope_(q: torch.Tensor, k: Optional[torch.Tensor], coords: torch.Tensor
         if k is not None:
             k = _InplaceRope.apply(k, c, f, interleaved, name)
         return q, k
-    _rope_inplace_op(q, k, c, f, interleaved, False, name)  # q and k in one launch
+    # q and k in one launch
+    if _fastpath.eager(q, k, c, f):
+        _launch(q, k, q, k, c, f, interleaved, False, name)
+    else:
+        _rope_inplace_op(q, k, c, f, interleaved, False, name)
     return q, k

@@ -1,0 +1,99 @@
+"""The eager fast path shared by the ops: host time per call is what decides
+scale-by-scale sampling, where each kernel takes a few microseconds.
+
+Every public op keeps its ``torch.library`` custom op, which ``torch.compile``,
+``make_fx``/``torch.export``, fake tensors and functorch transforms trace. In plain
+eager mode the dispatcher round trip of a custom op costs several times the kernel
+launch, so there the ops call the same implementation directly (no autograd
+needed) or through a ``torch.autograd.Function`` (autograd needed), with the
+argument checks and the backend choice cached per call signature (``PlanCache``).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, Hashable, Optional
+
+import torch
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+_is_compiling = torch.compiler.is_compiling
+_dispatch_modes = torch._C._len_torch_dispatch_stack
+_functorch_level = torch._C._functorch.peek_interpreter_stack
+_function_modes = torch._C._is_torch_function_mode_enabled
+
+
+def eager(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether a call may bypass its custom op: plain eager mode (not compiling, no
+    dispatch or function mode, no functorch transform, no JIT trace) on plain tensors."""
+    if _is_compiling() or _dispatch_modes() or _functorch_level() is not None or _function_modes():
+        return False
+    if torch._C._get_tracing_state() is not None:
+        return False
+    for t in tensors:
+        if t is not None and type(t) not in _PLAIN:
+            return False
+    return True
+
+
+def pick(custom_op: Callable, impl: Callable, *tensors: Optional[torch.Tensor]) -> Callable:
+    """``impl`` in plain eager mode, else the custom op (backward formulas use this)."""
+    return impl if eager(*tensors) else custom_op
+
+
+def needs_autograd(*tensors: Optional[torch.Tensor]) -> bool:
+    if not torch.is_grad_enabled():
+        return False
+    for t in tensors:
+        if t is not None and t.requires_grad:
+            return True
+    return False
+
+
+def tensor_key(t: Optional[torch.Tensor]) -> Hashable:
+    """What argument checks read of a tensor: shape, dtype, device."""
+    return None if t is None else (t.shape, t.dtype, t.device)
+
+
+class PlanCache:
+    """Validated metadata per call signature. A key holds everything the checks and
+    the backend choice read (shapes, dtypes, devices, scalar arguments, the
+    requested backend), so a hit can skip them; bounded, so an unusual workload
+    with ever-new shapes cannot grow it without limit."""
+
+    def __init__(self, capacity: int = 4096):
+        self._plans: Dict[Hashable, object] = {}
+        self._capacity = capacity
+
+    def get(self, key: Optional[Hashable], build: Callable[[], object]):
+        if key is None:
+            return build()
+        try:
+            return self._plans[key]
+        except KeyError:
+            pass
+        except TypeError:  # unhashable argument (e.g. lists inside patch_nums): no caching
+            return build()
+        plan = build()
+        if len(self._plans) >= self._capacity:
+            self._plans.clear()
+        self._plans[key] = plan
+        return plan
+
+    def clear(self) -> None:
+        self._plans.clear()
+
+
+def autograd_function(forward_impl: Callable, setup_context: Callable, backward: Callable,
+                      name: str) -> type:
+    """A ``torch.autograd.Function`` with the forward implementation, context setup
+    and backward formula that the custom op registers, for the eager path."""
+
+    def forward(ctx, *inputs):
+        out = forward_impl(*inputs)
+        setup_context(ctx, inputs, out)
+        return out
+
+    return type(name, (torch.autograd.Function,), {
+        "forward": staticmethod(forward),
+        "backward": staticmethod(backward),
+    })

@@ -1,0 +1,68 @@
+"""Fast backends on CPU tensors with every kernel launch replaced by a no-op.
+
+Used by the host-overhead benchmark (bench/host_overhead.py) and its guard test
+(tests/test_fast_path.py): the ops run their whole Python path -- checks, backend
+choice, autograd decision, output allocation, launch parameters -- down to the
+launch itself, with no device work and no interpreter.
+"""
+
+import contextlib
+from typing import Iterator
+
+from posenc_fast import _backends, _cuda
+
+
+class _NoLaunch:
+    """Stands in for a Triton kernel: ``kernel[grid](*args, **meta)`` does nothing."""
+
+    def __getitem__(self, grid):
+        return self._launch
+
+    @staticmethod
+    def _launch(*args, **kwargs):
+        return None
+
+
+class _StubLibrary:
+    """Stands in for the compiled CUDA library: every entry point returns at once,
+    except the two that size workspaces, which answer like the real ones."""
+
+    def __getattr__(self, name):
+        if name == "qkv_proj_bwd_rows_per_chunk":
+            return lambda: 64
+        if name == "rope_workspace_floats":
+            return lambda *a: 1
+        return lambda *a: None
+
+
+def _triton_modules():
+    from posenc_fast.triton_kernels import pyramid_pos_level_add as tp, qkv_proj as tq, rope as tr
+
+    return tp, tq, tr
+
+
+@contextlib.contextmanager
+def stubbed_device_work() -> Iterator[None]:
+    """Fast backends run on CPU tensors with their kernel launches replaced by no-ops."""
+    saved = []
+
+    def swap(obj, name, value):
+        saved.append((obj, name, getattr(obj, name)))
+        setattr(obj, name, value)
+
+    swap(_backends, "unavailable_reason", lambda name, device=None: None)
+    stub_library = _StubLibrary()
+    swap(_cuda, "lib", lambda: stub_library)
+    swap(_cuda, "stream", lambda device: 0)  # CPU tensors have no CUDA stream
+    import triton
+
+    for mod in _triton_modules():
+        for name, obj in list(vars(mod).items()):
+            if isinstance(obj, (triton.runtime.JITFunction, triton.runtime.Autotuner)) or \
+                    type(obj).__name__ in ("InterpretedFunction", "Heuristics"):
+                swap(mod, name, _NoLaunch())
+    try:
+        yield
+    finally:
+        for obj, name, value in reversed(saved):
+            setattr(obj, name, value)
