@@ -7,13 +7,17 @@ never runs the autotuned configs. This tool closes that gap in two steps:
 
 * ``record``: with ``TRITON_INTERPRET=1``, drives the public ops over their
   variants (dtypes, pairings, per-head / learnable freqs, norm, rope, bias, ...)
-  and records each kernel launch (argument types, constexprs, launch options)
-  instead of running it;
+  and records each kernel launch instead of running it, specialised exactly as
+  the JIT specialises it on a GPU (the JIT's own binder for an sm_90 target:
+  16-byte divisibility of pointers and integers, integers equal to 1 folded into
+  constants, constexprs, launch options), so what compiles here is what the GPU
+  runs -- vectorised loads included;
 * ``compile``: without the interpreter, builds each recorded variant with
   ``triton.compile`` for the given CUDA capabilities down to a cubin (LLVM and
   ptxas run on the CPU), every autotune config of the qkv_proj GEMM (for every
   launch with ``--all-configs``), and reports failures and shared-memory use
-  against each target's limit.
+  against each target's limit. Distinct specialisations compile once; workers
+  die with the tool (a killed run leaves no orphans).
 
     TRITON_INTERPRET=1 python tools/triton_aot_check.py record launches.json
     python tools/triton_aot_check.py compile launches.json --arch 80 --arch 90
@@ -27,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import inspect
 import itertools
 import json
 import os
@@ -58,27 +61,26 @@ _TYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float64": "
 
 # ------------------------------------------------------------------- record
 
-def _describe(value, constexpr: bool):
-    """A launch argument as the compiler sees it: a constexpr value, or a type
-    (values of runtime scalars do not change the code, so they are dropped)."""
-    import torch
+def _specialise(fn, args, kwargs) -> dict:
+    """The JIT's own specialisation of one launch for an sm_90 target: signature
+    types, constexprs (by argument path) and divisibility attributes, as
+    ``JITFunction.run`` computes them before it compiles."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import JITFunction, create_function_from_signature
 
-    if constexpr or value is None or isinstance(value, bool):
-        return {"value": value}
-    if isinstance(value, torch.Tensor):
-        return {"type": "*" + _TYPES[str(value.dtype).replace("torch.", "")]}
-    if isinstance(value, int):
-        return {"type": "i32" if -2 ** 31 <= value < 2 ** 31 else "i64"}
-    if isinstance(value, float):
-        return {"type": "fp32"}
-    raise TypeError(f"cannot describe a kernel argument of type {type(value).__name__}")
+    jit = JITFunction(fn)
+    backend = make_backend(GPUTarget("cuda", 90, 32))
+    binder = create_function_from_signature(jit.signature, jit.params, backend)
+    bound, specialization, options = binder(*args, **kwargs)
+    _, signature, constexprs, attrs = jit._pack_args(backend, kwargs, bound, specialization, options)
 
+    def plain(v):
+        return getattr(v, "value", v)
 
-def _is_constexpr(param: inspect.Parameter) -> bool:
-    import triton.language as tl
-
-    ann = param.annotation
-    return ann is tl.constexpr or (isinstance(ann, str) and ann.split(".")[-1] == "constexpr")
+    return {"signature": signature,
+            "constexprs": sorted([list(k), plain(v)] for k, v in constexprs.items()),
+            "attrs": sorted([list(k), v] for k, v in attrs.items())}
 
 
 def _drive_ops() -> None:
@@ -164,12 +166,9 @@ def record(path: str) -> int:
     def run(self, *args, grid, warmup, **kwargs):
         fn = self.fn
         options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages", "num_ctas") if k in kwargs}
-        sig = inspect.signature(fn)
-        bound = sig.bind(*args, **kwargs)
-        bound.apply_defaults()
-        described = {n: _describe(v, _is_constexpr(sig.parameters[n])) for n, v in bound.arguments.items()}
-        entry = {"module": fn.__module__, "kernel": fn.__name__, "args": described, "options": options}
-        launches[json.dumps(entry, sort_keys=True)] = entry
+        entry = {"module": fn.__module__, "kernel": fn.__name__, **_specialise(fn, args, kwargs),
+                 "options": options}
+        launches[json.dumps(entry, sort_keys=True)] = entry  # each distinct specialisation once
         # Not run: the outputs stay poisoned, which no recorded launch depends on.
 
     original = InterpretedFunction.run
@@ -202,24 +201,20 @@ def _compile_one(job: Tuple[dict, int]) -> dict:
 
     entry, arch = job
     fn = _jit_function(entry["module"], entry["kernel"])
-    signature, constexprs = {}, {}
-    for p in fn.params:
-        desc = entry["args"][p.name]
-        if "value" in desc:
-            signature[p.name] = "constexpr"
-            constexprs[p.name] = desc["value"]
-        else:
-            signature[p.name] = desc["type"]
+    constexprs = {tuple(path): value for path, value in entry["constexprs"]}
+    attrs = {tuple(path): value for path, value in entry["attrs"]}
     options = dict(entry["options"])
     t0 = time.perf_counter()
     try:
-        kernel = triton.compile(ASTSource(fn, signature, constexprs=constexprs),
+        kernel = triton.compile(ASTSource(fn, entry["signature"], constexprs=constexprs, attrs=attrs),
                                 target=GPUTarget("cuda", arch, 32), options=options)
         shared, error = kernel.metadata.shared, None
     except Exception as exc:  # report every failing variant, not just the first
         shared, error = None, f"{type(exc).__name__}: {str(exc).strip()[:2000]}"
+    names = list(entry["signature"])
     return {"kernel": f"{entry['module'].rsplit('.', 1)[-1]}.{entry['kernel']}", "arch": arch,
-            "constexprs": constexprs, "options": options, "shared": shared,
+            "constexprs": {names[p[0]]: v for p, v in constexprs.items() if len(p) == 1},
+            "options": options, "shared": shared,
             "error": error, "seconds": round(time.perf_counter() - t0, 2), "group": entry.get("group")}
 
 
@@ -243,15 +238,30 @@ def _expand(entries: List[dict], all_configs: bool) -> List[dict]:
             n = turn.get(key, 0)
             turn[key] = n + 1
             choices = [choices[n % len(choices)]]
-        first_ptr = next(d["type"] for d in entry["args"].values() if d.get("type", "").startswith("*"))
+        first_ptr = next(t for t in entry["signature"].values() if t.startswith("*"))
         group = f"launch {i}" if all_configs else f"{entry['kernel']} with {first_ptr[1:]} inputs"
+        names = list(entry["signature"])
         for combo, cfg in choices:
-            args = dict(entry["args"])
+            constexprs = {tuple(p): v for p, v in entry["constexprs"]}
             for name, value in [*cfg.kwargs.items(), *zip(derived, combo), *on_gpu.items()]:
-                args[name] = {"value": value}
-            out.append({**entry, "args": args, "group": group,
-                        "options": {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}})
+                constexprs[(names.index(name),)] = value
+            out.append({**entry, "constexprs": sorted([list(p), v] for p, v in constexprs.items()),
+                        "group": group, "options": {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}})
     return out
+
+
+def _die_with_parent() -> None:
+    """Pool initializer: the kernel sends SIGKILL to a worker whose parent dies, so a
+    run killed by a timeout leaves no compiler processes behind (Linux; elsewhere the
+    executor's own shutdown is all there is)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() == 1:  # the parent died before the call
+            os._exit(1)
 
 
 def compile_all(path: str, archs: List[int], jobs: int, all_configs: bool = False) -> int:
@@ -261,7 +271,7 @@ def compile_all(path: str, archs: List[int], jobs: int, all_configs: bool = Fals
         entries = _expand(json.load(f), all_configs)
     work = [(e, a) for e in entries for a in archs]
     results = []
-    with ProcessPoolExecutor(max_workers=jobs) as pool:
+    with ProcessPoolExecutor(max_workers=jobs, initializer=_die_with_parent) as pool:
         for r in pool.map(_compile_one, work):
             results.append(r)
             if r["error"]:  # as it happens: a full run takes minutes
