@@ -8,7 +8,8 @@
 * ``peak_memory_bytes(fn)``: peak allocated bytes above the live set while ``fn`` runs.
 * ``record(...)``: appends one JSON object to ``<results>/<device>.jsonl`` with the
   device, torch/triton/CUDA versions and git commit. ``POSENC_FAST_BENCH_RESULTS``
-  overrides the results folder (default ``bench/results``).
+  overrides the results folder (default ``bench/results``),
+  ``POSENC_FAST_BENCH_RESULTS_FILE`` the file.
 
 Op benchmark files are small factories over these: build a workload, call
 ``measure_case`` with the backend callables and the eager/compiled baselines.
@@ -150,9 +151,10 @@ def record(**fields) -> Dict[str, object]:
     """Appends one measurement to ``<results>/<device>.jsonl`` and returns it."""
     rec = {"device": device_name(), **{f"{k}_version": v for k, v in versions().items()},
            "commit": git_commit(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **fields}
-    out_dir = results_dir()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / f"{device_slug()}.jsonl", "a") as f:
+    target = os.environ.get("POSENC_FAST_BENCH_RESULTS_FILE")  # gpu_suite.sh: one file for the run
+    path = Path(target) if target else results_dir() / f"{device_slug()}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
         f.write(json.dumps(rec, sort_keys=True) + "\n")
     return rec
 

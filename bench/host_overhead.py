@@ -44,10 +44,12 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "bench"))
 
 import posenc_fast as pf  # noqa: E402
 from posenc_fast.integrations import var as var_integration  # noqa: E402
 from launch_stubs import stubbed_device_work  # noqa: E402
+from harness import git_commit, versions  # noqa: E402
 
 PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 BEGIN = [sum(p * p for p in PATCH_NUMS[:i]) for i in range(len(PATCH_NUMS))]
@@ -207,8 +209,9 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, object]]:
         for op, workload, fused, eager, ctx in cases(device, args.quick):
             with ctx():
                 us = per_call_us({"eager": eager, **fused}, calls=calls, rounds=rounds, sync=sync)
-            rec = {"op": op, "workload": workload, "mode": args.mode, "machine": machine,
-                   "torch": torch.__version__, "eager_us": us["eager"], "triton_us": us["triton"],
+            rec = {"kind": "host_overhead", "op": op, "workload": workload, "mode": args.mode,
+                   "device": machine, **{f"{k}_version": v for k, v in versions().items()},
+                   "commit": git_commit(), "eager_us": us["eager"], "triton_us": us["triton"],
                    "cuda_us": us["cuda"]}
             records.append(rec)
             print(f"{op:24s} {workload:58s} {us['eager']:7.1f} {us['triton']:7.1f} {us['cuda']:7.1f}")
