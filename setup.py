@@ -131,7 +131,7 @@ class CMakeBuild(build_ext):
                f"-DPOSENC_FAST_OUTPUT_NAME={ext_path.name}",
                f"-DPython_EXECUTABLE={sys.executable}"]
         if ninja:
-            cfg += ["-GNinja", f"-DCMAKE_MAKE_PROGRAM={ninja}"]
+            cfg.append("-GNinja")
         _log(f"CUDA archs: {archs}" + (" (release list, derived by CMake from nvcc)" if archs == "all" else ""))
         subprocess.run([cmake, "-S", str(ROOT), "-B", str(build_dir), *cfg], check=True)
         jobs = os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 2))
