@@ -9,6 +9,11 @@
 // at a few dozen nanoseconds: the sampling loop calls these for 3-5 us kernels.
 #pragma once
 
+// Every build of the binding (CMakeLists.txt, the emulation test) targets this ABI.
+#if !defined(Py_LIMITED_API) || Py_LIMITED_API != 0x030A0000
+#error "compile the binding with -DPy_LIMITED_API=0x030A0000 (the CPython 3.10 stable ABI)"
+#endif
+
 #include <Python.h>
 
 #include <cstdint>
