@@ -128,7 +128,7 @@ def _cache_key(family):
     return h.hexdigest()[:20]
 
 
-# One compiler process per core at a time: the machine is shared with the other builds.
+# One compiler process per core at a time (the three families build in parallel threads).
 _COMPILE_SLOTS = threading.BoundedSemaphore(max(2, os.cpu_count() or 2))
 
 
