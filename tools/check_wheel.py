@@ -1,17 +1,22 @@
 """Checks that a posenc_fast wheel is what its name claims.
 
     python tools/check_wheel.py WHEEL --cuda-major 13 --archs "80-real;90"   # a CUDA wheel
+    python tools/check_wheel.py WHEEL --cuda-major 13 --archs 90 --load-with python3.10 --load-with python3.13
     python tools/check_wheel.py WHEEL --pure                                 # the pure one
 
-CUDA wheel: version ``<v>+cu<major>``; tags ``cpXY-cpXY-manylinux_2_NN_<arch>``, the
-platform tag being the one ``auditwheel show`` finds true for the binary; one
-extension ``posenc_fast/_C`` for that Python; the Triton kernels inside the package;
+CUDA wheel: version ``<v>+cu<major>``; tags ``cp310-abi3-manylinux_2_NN_<arch>`` (one
+wheel for every CPython >= 3.10), the platform tag being the one ``auditwheel show``
+finds true for the binary; ``abi3audit`` finds no use of the C API outside the 3.10
+stable ABI; one extension ``posenc_fast/_C.abi3.so``; the Triton kernels inside the package;
 the extension's NEEDED entries only glibc/libstdc++/libgcc (no libtorch, libc10,
 libcudart, libcuda, libpython: it must load with any torch, and without a driver);
 no absolute RPATH/RUNPATH; machine code and PTX for exactly the ``--archs`` list
-(CMake syntax) in every fatbin of the extension; no pin on torch.
+(CMake syntax) in every fatbin of the extension; no pin on torch. With ``--load-with
+PYTHON`` (repeatable) each interpreter loads the extension and calls into it (no torch
+needed: the library does not use it).
 Pure wheel: ``py3-none-any``, plain version, no compiled file.
-Needs binutils (readelf, objcopy) and, for a CUDA wheel, auditwheel on PATH.
+Needs binutils (readelf, objcopy) and, for a CUDA wheel, auditwheel and abi3audit on
+PATH (pip install auditwheel abi3audit).
 Exits 1 with every failed check listed.
 """
 
@@ -20,6 +25,7 @@ from __future__ import annotations
 import argparse
 import email
 import re
+import shutil
 import struct
 import subprocess
 import sys
@@ -36,6 +42,38 @@ SYSTEM_LIBS = {
 LEGACY_MANYLINUX = {"manylinux1": (2, 5), "manylinux2010": (2, 12), "manylinux2014": (2, 17)}
 FATBIN_MAGIC = 0xBA55ED50
 FATBIN_PTX, FATBIN_SASS = 1, 2
+# One CUDA wheel serves every CPython from 3.10 on (Py_LIMITED_API in CMakeLists.txt).
+ABI3_TAGS = ("cp310", "abi3")
+EXTENSION = "posenc_fast/_C.abi3.so"
+# What posenc_fast/ops calls on the library (posenc_fast._cuda.lib()).
+FUNCTIONS = ("pyramid_pos_level_add_fwd", "pyramid_pos_level_add_bwd", "rope_apply", "rope_workspace_floats",
+             "qkv_proj_fwd", "qkv_proj_bwd", "qkv_proj_bwd_rows_per_chunk", "driver_version")
+
+# Run by each --load-with interpreter: load the extension by path (importing the
+# posenc_fast package would need torch) and call into its binding.
+LOAD_SCRIPT = """
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location("posenc_fast._C", sys.argv[1])
+lib = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(lib)
+missing = [f for f in sys.argv[2].split(",") if not callable(getattr(lib, f, None))]
+assert not missing, f"functions missing: {missing}"
+assert lib.cuda_version.split(".")[0].isdigit() and lib.cuda_archs, (lib.cuda_version, lib.cuda_archs)
+driver = lib.driver_version()
+assert isinstance(driver, int), driver
+assert lib.rope_workspace_floats(0, 2, 2, 10, 64, 2, False) == 0
+assert lib.rope_workspace_floats(2, 2, 2, 10, 64, 2, per_head=True) > 0
+assert lib.qkv_proj_bwd_rows_per_chunk() > 0
+args = [0, 7, [1, 1, 1], 0, 0, [0, 0], 0, 0, [1, 1], 0, 0, 0, 1, 1, 1, 0, 1.0, 0.0, 0, 0]
+for bad, error, text in ((args, ValueError, "dtype code"), (args[:3] + ["0"] + args[4:], TypeError, "'pos'")):
+    try:
+        lib.pyramid_pos_level_add_fwd(*bad)
+    except error as exc:
+        assert text in str(exc), exc
+    else:
+        raise AssertionError(f"no {error.__name__} for bad arguments")
+print(f"loaded by Python {sys.version.split()[0]}: CUDA {lib.cuda_version}, archs {lib.cuda_archs}, driver {driver}")
+"""
 
 
 def parse_name(wheel: Path) -> Tuple[str, str, str, str, List[str]]:
@@ -108,7 +146,7 @@ def nv_fatbin(so: Path, workdir: Path) -> bytes:
     out = workdir / (so.name + ".nv_fatbin")
     subprocess.run(["objcopy", "--dump-section", f".nv_fatbin={out}", str(so), str(workdir / "stripped.so")],
                    check=True, capture_output=True)
-    return out.read_bytes()
+    return out.read_bytes() if out.is_file() else b""  # no such section: no device code
 
 
 def auditwheel_tag(wheel: Path) -> str:
@@ -130,12 +168,44 @@ def check_pure(wheel: Path, names: List[str], errors: List[str]) -> None:
         errors.append(f"pure wheel holds compiled files: {compiled}")
 
 
+def abi3audit_errors(wheel: Path) -> List[str]:
+    """abi3audit's verdict: the extension uses only the stable ABI of its abi3 tag."""
+    if shutil.which("abi3audit") is None:
+        return ["abi3audit not found on PATH (pip install abi3audit)"]
+    proc = subprocess.run(["abi3audit", "--strict", "--summary", str(wheel)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        return [f"abi3audit finds stable-ABI violations:\n{proc.stdout}{proc.stderr}"]
+    return []
+
+
+def load_extension(so: Path, python: str) -> Tuple[bool, str]:
+    """(ok, output) of loading the extension file ``so`` with ``python`` and calling into
+    it (LOAD_SCRIPT)."""
+    proc = subprocess.run([python, "-c", LOAD_SCRIPT, str(so), ",".join(FUNCTIONS)], capture_output=True, text=True)
+    return proc.returncode == 0, (proc.stdout + proc.stderr[-3000:]).strip()
+
+
+def load_errors(wheel: Path, python: str) -> List[str]:
+    """load_extension of the wheel's extension."""
+    with tempfile.TemporaryDirectory() as tmp, zipfile.ZipFile(wheel) as zf:
+        if EXTENSION not in zf.namelist():
+            return [f"{EXTENSION} missing: nothing to load with {python}"]
+        ok, out = load_extension(Path(zf.extract(EXTENSION, tmp)), python)
+    if not ok:
+        return [f"{python} cannot load or call {EXTENSION}:\n{out}"]
+    print(f"{wheel.name}: {out}")
+    return []
+
+
 def check_cuda(wheel: Path, names: List[str], cuda_major: int, archs: str, errors: List[str]) -> None:
     _, version, py, abi, plats = parse_name(wheel)
     if not version.endswith(f"+cu{cuda_major}"):
         errors.append(f"version {version} does not end with +cu{cuda_major}")
-    if not re.fullmatch(r"cp3\d+", py) or abi != py:
-        errors.append(f"python/abi tags {py}-{abi}: expected cpXY-cpXY")
+    if (py, abi) != ABI3_TAGS:
+        errors.append(f"python/abi tags {py}-{abi}: expected {'-'.join(ABI3_TAGS)} (one wheel for every CPython "
+                      f">= 3.10)")
+    else:
+        errors.extend(abi3audit_errors(wheel))
     try:
         true_tag = auditwheel_tag(wheel)
         claimed = [glibc_of(p) for p in plats]
@@ -146,9 +216,8 @@ def check_cuda(wheel: Path, names: List[str], cuda_major: int, archs: str, error
     except subprocess.CalledProcessError as exc:
         errors.append(f"auditwheel show failed: {exc.stdout}{exc.stderr}")
     exts = [n for n in names if n.endswith(".so")]
-    want = re.compile(rf"posenc_fast/_C\.cpython-{py[2:]}-[^/]+\.so")
-    if len(exts) != 1 or not want.fullmatch(exts[0]):
-        errors.append(f"shared objects {exts}: expected exactly posenc_fast/_C.cpython-{py[2:]}-*.so")
+    if exts != [EXTENSION]:
+        errors.append(f"shared objects {exts}: expected exactly {EXTENSION}")
     if any(".libs/" in n for n in names):
         errors.append("auditwheel grafted libraries into the wheel (a *.libs/ folder): the extension "
                       "must need system libraries only")
@@ -174,8 +243,9 @@ def check_cuda(wheel: Path, names: List[str], cuda_major: int, archs: str, error
                     break
 
 
-def check(wheel: Path, pure: bool, cuda_major: int = 0, archs: str = "") -> List[str]:
-    """Every failed check of ``wheel`` (empty when it passes)."""
+def check(wheel: Path, pure: bool, cuda_major: int = 0, archs: str = "", load_with=()) -> List[str]:
+    """Every failed check of ``wheel`` (empty when it passes); ``load_with``: interpreters
+    that must load the CUDA wheel's extension."""
     errors: List[str] = []
     dist, *_ = parse_name(wheel)
     if dist != "posenc_fast":
@@ -198,6 +268,8 @@ def check(wheel: Path, pure: bool, cuda_major: int = 0, archs: str = "") -> List
         check_pure(wheel, names, errors)
     else:
         check_cuda(wheel, names, cuda_major, archs, errors)
+        for python in load_with:
+            errors.extend(load_errors(wheel, python))
     return errors
 
 
@@ -208,10 +280,14 @@ def main(argv=None) -> int:
     kind.add_argument("--pure", action="store_true", help="the pure-Python wheel")
     kind.add_argument("--cuda-major", type=int, help="CUDA major the wheel was built for")
     parser.add_argument("--archs", help="arch list the CUDA wheel was built with (CMake syntax)")
+    parser.add_argument("--load-with", action="append", default=[], metavar="PYTHON",
+                        help="an interpreter that must load the CUDA wheel's extension (repeatable)")
     args = parser.parse_args(argv)
     if args.cuda_major is not None and not args.archs:
         parser.error("--archs is required with --cuda-major")
-    errors = check(args.wheel, args.pure, args.cuda_major or 0, args.archs or "")
+    if args.pure and args.load_with:
+        parser.error("--load-with needs a CUDA wheel")
+    errors = check(args.wheel, args.pure, args.cuda_major or 0, args.archs or "", args.load_with)
     for err in errors:
         print(f"{args.wheel.name}: FAIL: {err}", file=sys.stderr)
     if not errors:

@@ -4,62 +4,65 @@
 
 namespace posenc_bind {
 
-using posenc::DType;
+namespace {
 
-void bind_pyramid_pos_level_add(py::module_& m) {
-  m.def(
-      "pyramid_pos_level_add_fwd",
-      [](std::uintptr_t x, int x_dtype, std::vector<int64_t> x_stride, std::uintptr_t pos, int pos_dtype,
-         std::vector<int64_t> pos_stride, std::uintptr_t lvl, int lvl_dtype, std::vector<int64_t> lvl_stride,
-         std::uintptr_t token_meta, std::uintptr_t out, int out_dtype, int64_t B, int64_t n, int64_t C,
-         int64_t start, float pos_weight, float sincos_weight, int device, std::uintptr_t stream) {
-        POSENC_CHECK_ARG(x_stride.size() == 3 && pos_stride.size() == 2 && lvl_stride.size() == 2,
-                         "pyramid_pos_level_add_fwd: x_stride needs 3 entries, pos_stride and lvl_stride 2");
-        posenc::PyramidAddFwdArgs a{};
-        a.x = cptr(x); a.x_dtype = as_dtype(x_dtype);
-        std::copy(x_stride.begin(), x_stride.end(), a.x_stride);
-        a.pos = cptr(pos); a.pos_dtype = as_dtype(pos_dtype);
-        std::copy(pos_stride.begin(), pos_stride.end(), a.pos_stride);
-        a.lvl = cptr(lvl); a.lvl_dtype = as_dtype(lvl_dtype);
-        std::copy(lvl_stride.begin(), lvl_stride.end(), a.lvl_stride);
-        a.token_meta = static_cast<const int32_t*>(cptr(token_meta));
-        a.out = mptr(out); a.out_dtype = as_dtype(out_dtype);
-        a.B = B; a.n = n; a.C = C; a.start = start;
-        a.pos_weight = pos_weight; a.sincos_weight = sincos_weight;
-        py::gil_scoped_release nogil;
-        posenc::pyramid_pos_level_add_fwd(a, device, as_stream(stream));
-      },
-      py::arg("x"), py::arg("x_dtype"), py::arg("x_stride"), py::arg("pos"), py::arg("pos_dtype"),
-      py::arg("pos_stride"), py::arg("lvl"), py::arg("lvl_dtype"), py::arg("lvl_stride"), py::arg("token_meta"),
-      py::arg("out"), py::arg("out_dtype"), py::arg("B"), py::arg("n"), py::arg("C"), py::arg("start"),
-      py::arg("pos_weight"), py::arg("sincos_weight"), py::arg("device"), py::arg("stream"),
-      "out = x + lvl[level] + pos_weight * pos + sincos_weight * sincos (see pyramid_pos_level_add.h)");
+PyObject* fwd(PyObject*, PyObject* const* args, Py_ssize_t nargs, PyObject* kwnames) {
+  static const char* const names[] = {
+      "x", "x_dtype", "x_stride", "pos", "pos_dtype", "pos_stride", "lvl", "lvl_dtype", "lvl_stride",
+      "token_meta", "out", "out_dtype", "B", "n", "C", "start", "pos_weight", "sincos_weight", "device",
+      "stream"};
+  Args p("pyramid_pos_level_add_fwd", names, args, nargs, kwnames);
+  posenc::PyramidAddFwdArgs a{};
+  a.x = p.ptr(0); const int x_dtype = p.i32(1); p.strides(2, a.x_stride, 3);
+  a.pos = p.ptr(3); const int pos_dtype = p.i32(4); p.strides(5, a.pos_stride, 2);
+  a.lvl = p.ptr(6); const int lvl_dtype = p.i32(7); p.strides(8, a.lvl_stride, 2);
+  a.token_meta = static_cast<const int32_t*>(p.ptr(9));
+  a.out = p.ptr(10); const int out_dtype = p.i32(11);
+  a.B = p.i64(12); a.n = p.i64(13); a.C = p.i64(14); a.start = p.i64(15);
+  a.pos_weight = p.f32(16); a.sincos_weight = p.f32(17);
+  const int device = p.i32(18);
+  cudaStream_t stream = as_stream(p.ptr(19));
+  if (p.failed()) return nullptr;
+  return call_core([&] {
+    a.x_dtype = as_dtype(x_dtype); a.pos_dtype = as_dtype(pos_dtype);
+    a.lvl_dtype = as_dtype(lvl_dtype); a.out_dtype = as_dtype(out_dtype);
+    posenc::pyramid_pos_level_add_fwd(a, device, stream);
+  }, /*release_gil=*/true);
+}
 
-  m.def(
-      "pyramid_pos_level_add_bwd",
-      [](std::uintptr_t grad, int grad_dtype, std::vector<int64_t> grad_stride, std::uintptr_t dpos, int dpos_dtype,
-         int64_t dpos_row_stride, std::uintptr_t dlvl, int dlvl_dtype, int64_t dlvl_row_stride,
-         std::uintptr_t chunks, int64_t num_chunks, std::uintptr_t level_chunk_offsets, int64_t S,
-         std::uintptr_t partial, int64_t B, int64_t n, int64_t C, float pos_weight, int device,
-         std::uintptr_t stream) {
-        POSENC_CHECK_ARG(grad_stride.size() == 3, "pyramid_pos_level_add_bwd: grad_stride needs 3 entries");
-        posenc::PyramidAddBwdArgs a{};
-        a.grad = cptr(grad); a.grad_dtype = as_dtype(grad_dtype);
-        std::copy(grad_stride.begin(), grad_stride.end(), a.grad_stride);
-        a.dpos = mptr(dpos); a.dpos_dtype = as_dtype(dpos_dtype); a.dpos_row_stride = dpos_row_stride;
-        a.dlvl = mptr(dlvl); a.dlvl_dtype = as_dtype(dlvl_dtype); a.dlvl_row_stride = dlvl_row_stride;
-        a.chunks = static_cast<const int32_t*>(cptr(chunks)); a.num_chunks = num_chunks;
-        a.level_chunk_offsets = static_cast<const int32_t*>(cptr(level_chunk_offsets)); a.S = S;
-        a.partial = static_cast<float*>(mptr(partial));
-        a.B = B; a.n = n; a.C = C; a.pos_weight = pos_weight;
-        py::gil_scoped_release nogil;
-        posenc::pyramid_pos_level_add_bwd(a, device, as_stream(stream));
-      },
-      py::arg("grad"), py::arg("grad_dtype"), py::arg("grad_stride"), py::arg("dpos"), py::arg("dpos_dtype"),
-      py::arg("dpos_row_stride"), py::arg("dlvl"), py::arg("dlvl_dtype"), py::arg("dlvl_row_stride"),
-      py::arg("chunks"), py::arg("num_chunks"), py::arg("level_chunk_offsets"), py::arg("S"), py::arg("partial"),
-      py::arg("B"), py::arg("n"), py::arg("C"), py::arg("pos_weight"), py::arg("device"), py::arg("stream"),
-      "dpos (window rows) and dlvl from the output gradient, deterministic (see pyramid_pos_level_add.h)");
+PyObject* bwd(PyObject*, PyObject* const* args, Py_ssize_t nargs, PyObject* kwnames) {
+  static const char* const names[] = {
+      "grad", "grad_dtype", "grad_stride", "dpos", "dpos_dtype", "dpos_row_stride", "dlvl", "dlvl_dtype",
+      "dlvl_row_stride", "chunks", "num_chunks", "level_chunk_offsets", "S", "partial", "B", "n", "C",
+      "pos_weight", "device", "stream"};
+  Args p("pyramid_pos_level_add_bwd", names, args, nargs, kwnames);
+  posenc::PyramidAddBwdArgs a{};
+  a.grad = p.ptr(0); const int grad_dtype = p.i32(1); p.strides(2, a.grad_stride, 3);
+  a.dpos = p.ptr(3); const int dpos_dtype = p.i32(4); a.dpos_row_stride = p.i64(5);
+  a.dlvl = p.ptr(6); const int dlvl_dtype = p.i32(7); a.dlvl_row_stride = p.i64(8);
+  a.chunks = static_cast<const int32_t*>(p.ptr(9)); a.num_chunks = p.i64(10);
+  a.level_chunk_offsets = static_cast<const int32_t*>(p.ptr(11)); a.S = p.i64(12);
+  a.partial = static_cast<float*>(p.ptr(13));
+  a.B = p.i64(14); a.n = p.i64(15); a.C = p.i64(16); a.pos_weight = p.f32(17);
+  const int device = p.i32(18);
+  cudaStream_t stream = as_stream(p.ptr(19));
+  if (p.failed()) return nullptr;
+  return call_core([&] {
+    a.grad_dtype = as_dtype(grad_dtype); a.dpos_dtype = as_dtype(dpos_dtype); a.dlvl_dtype = as_dtype(dlvl_dtype);
+    posenc::pyramid_pos_level_add_bwd(a, device, stream);
+  }, /*release_gil=*/true);
+}
+
+}  // namespace
+
+PyMethodDef* pyramid_pos_level_add_methods() {
+  static PyMethodDef methods[] = {
+      {"pyramid_pos_level_add_fwd", method(fwd), kFastCall,
+       "out = x + lvl[level] + pos_weight * pos + sincos_weight * sincos (see pyramid_pos_level_add.h)"},
+      {"pyramid_pos_level_add_bwd", method(bwd), kFastCall,
+       "dpos (window rows) and dlvl from the output gradient, deterministic (see pyramid_pos_level_add.h)"},
+      {nullptr, nullptr, 0, nullptr}};
+  return methods;
 }
 
 }  // namespace posenc_bind
