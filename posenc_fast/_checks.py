@@ -72,3 +72,139 @@ def empty(shape, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     if _POISON:
         out.fill_(float("nan"))
     return out
+
+
+def check_positive_int(name: str, v) -> int:
+    """TypeError unless ``v`` is an int (not a bool); ValueError unless it is >= 1."""
+    return check_int(name, v, minimum=1)
+
+
+def check_no_grad(name: str, t: Optional[torch.Tensor], why: str) -> None:
+    """ValueError when ``t`` would need a gradient that no backend computes: every
+    backend refuses alike instead of some silently leaving ``t.grad`` at None."""
+    if t is not None and t.requires_grad and torch.is_grad_enabled():
+        raise ValueError(f"{name} requires grad, but {why}; pass {name}.detach() (or run under torch.no_grad())")
+
+
+# Node budget of the exact overlap search; layouts that exceed it (none of the usual
+# ones come close) are decided by listing their element offsets.
+_OVERLAP_SEARCH_BUDGET = 20000
+
+
+def _byte_dims(t: torch.Tensor):
+    """(byte stride, size) of the dims of ``t`` that hold more than one element."""
+    item = t.element_size()
+    return [(st * item, n) for st, n in zip(t.stride(), t.shape) if n > 1]
+
+
+def _solvable(dims, lo: int, hi: int, budget: list) -> Optional[bool]:
+    """Whether integers c_i in [c_lo_i, c_hi_i] exist with lo <= sum_i s_i c_i <= hi,
+    for ``dims`` = [(s_i > 0, c_lo_i, c_hi_i)] sorted by decreasing s_i; None when the
+    search exceeds ``budget[0]`` nodes. Depth-first over the largest stride first:
+    each c_i is confined to the values that the smaller strides can still complete,
+    which for nested (non-overlapping-looking) layouts leaves one or two candidates."""
+    rest_lo = [0] * (len(dims) + 1)
+    rest_hi = [0] * (len(dims) + 1)
+    for i in range(len(dims) - 1, -1, -1):
+        s, a, b = dims[i]
+        rest_lo[i] = rest_lo[i + 1] + s * a
+        rest_hi[i] = rest_hi[i + 1] + s * b
+
+    def search(i: int, lo: int, hi: int) -> Optional[bool]:
+        budget[0] -= 1
+        if budget[0] < 0:
+            return None
+        if i == len(dims):
+            return lo <= 0 <= hi
+        s, a, b = dims[i]
+        first = max(a, -((rest_hi[i + 1] - lo) // s))  # ceil((lo - rest_hi) / s)
+        last = min(b, (hi - rest_lo[i + 1]) // s)
+        for c in range(first, last + 1):
+            found = search(i + 1, lo - s * c, hi - s * c)
+            if found is None or found:
+                return found
+        return False
+
+    return search(0, lo, hi)
+
+
+def _offsets(t: torch.Tensor) -> torch.Tensor:
+    """Byte offsets (from the data pointer) of every element of ``t``, int64."""
+    off = torch.zeros((), dtype=torch.int64)
+    for st, n in zip(t.stride(), t.shape):
+        off = off[..., None] + torch.arange(n, dtype=torch.int64) * (st * t.element_size())
+    return off.reshape(-1)
+
+
+def has_internal_overlap(t: torch.Tensor) -> bool:
+    """True when two elements of ``t`` share memory (e.g. a stride-0 expand, or
+    as_strided windows), decided exactly: not torch's conservative 'too hard'."""
+    if t.numel() <= 1:
+        return False
+    dims = _byte_dims(t)
+    if any(s == 0 for s, _ in dims):
+        return True
+    dims.sort(key=lambda d: -d[0])
+    budget = [_OVERLAP_SEARCH_BUDGET]
+    # Two elements coincide iff sum_i s_i (a_i - b_i) = 0 with a != b; take the
+    # largest-stride dim where they differ as i0 (differences above it are zero,
+    # and by symmetry the one at i0 is positive).
+    for i0 in range(len(dims)):
+        s, n = dims[i0]
+        rest = [(sj, -(nj - 1), nj - 1) for sj, nj in dims[i0 + 1:]]
+        found = _solvable([(s, 1, n - 1)] + rest, 0, 0, budget)
+        if found is None:
+            return _offsets(t).unique().numel() != t.numel()
+        if found:
+            return True
+    return False
+
+
+def overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """True when some element of ``a`` and some element of ``b`` share a byte.
+    Disjoint interleaved views of one buffer (q and k of a packed qkv tensor) do not
+    overlap even though their address ranges do."""
+    if a.numel() == 0 or b.numel() == 0:
+        return False
+    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+
+    def span(t):  # [first byte, end) (torch strides are never negative)
+        last = sum(st * (n - 1) for st, n in zip(t.stride(), t.shape))
+        return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
+
+    (alo, ahi), (blo, bhi) = span(a), span(b)
+    if ahi <= blo or bhi <= alo:
+        return False
+    # An element at byte offset x of a and one at y of b share a byte iff
+    # -size_b < x - y < size_a, with x - y = delta + sum s_i c_i over a's dims
+    # (c_i >= 0) and b's dims (c_i <= 0).
+    delta = a.data_ptr() - b.data_ptr()
+    dims = [(s, 0, n - 1) for s, n in _byte_dims(a) if s] + [(s, -(n - 1), 0) for s, n in _byte_dims(b) if s]
+    dims.sort(key=lambda d: -d[0])
+    found = _solvable(dims, -delta - b.element_size() + 1, -delta + a.element_size() - 1,
+                      [_OVERLAP_SEARCH_BUDGET])
+    if found is None:
+        offs_a = _offsets(a)[:, None] + torch.arange(a.element_size()) + delta
+        offs_b = _offsets(b)[:, None] + torch.arange(b.element_size())
+        return bool(torch.isin(offs_a.reshape(-1), offs_b.reshape(-1)).any())
+    return found
+
+
+def check_writable(name: str, t: Optional[torch.Tensor]) -> None:
+    """ValueError when an in-place write to ``t`` would write one memory location
+    through several elements (eager PyTorch refuses such writes too)."""
+    if t is not None and has_internal_overlap(t):
+        raise ValueError(f"{name} is written in place but more than one of its elements refers to a single "
+                         f"memory location (e.g. an expanded tensor, shape {tuple(t.shape)}, strides "
+                         f"{tuple(t.stride())}): pass {name}.clone() or a tensor with its own memory")
+
+
+def check_disjoint(name_a: str, a: Optional[torch.Tensor], name_b: str, b: Optional[torch.Tensor]) -> None:
+    """ValueError when tensors written in place share memory (the result would depend
+    on the order of the writes, which differs between backends)."""
+    if a is not None and b is not None and overlap(a, b):
+        what = "are the same tensor" if (a.data_ptr() == b.data_ptr() and a.shape == b.shape
+                                         and a.stride() == b.stride()) else "share memory"
+        raise ValueError(f"{name_a} and {name_b} {what}, but both are written in place: pass tensors whose "
+                         f"elements do not overlap (e.g. the q and k views of a packed qkv buffer)")

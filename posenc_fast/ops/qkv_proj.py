@@ -200,6 +200,8 @@ def _validate(x, weight, bias, num_heads, qk_l2norm, q_scale, coords, freqs, pai
     device = _checks.check_same_device(x=x, weight=weight, bias=bias, q_scale=q_scale, coords=coords, freqs=freqs)
     B, L, C = x.shape
     H = num_heads
+    if C == 0:
+        raise ValueError(f"x must have at least one channel (C = x.shape[2] >= 1), got shape {tuple(x.shape)}")
     if C % H:
         raise ValueError(f"x has C = {C} channels, which num_heads = {H} does not divide")
     D = C // H
@@ -227,6 +229,13 @@ def _validate(x, weight, bias, num_heads, qk_l2norm, q_scale, coords, freqs, pai
             raise ValueError(f"per-head freqs must have num_heads = {H} rows, got shape {tuple(freqs.shape)}")
         if A < 1:
             raise ValueError("coords must have at least one axis")
+    _checks.check_no_grad("coords", coords, "qkv_proj gives no gradient for coordinates (positions)")
+    if q_scale is not None and q_scale.requires_grad and torch.is_grad_enabled():
+        # d q_scale needs the normalised q, which the fused backward recovers from the
+        # output as q / q_scale: lost where q_scale is 0. Checked on the device (no
+        # host sync): on CUDA a failure is a device-side assert.
+        torch._assert_async((q_scale != 0).all(), "qkv_proj: q_scale requires grad and has a zero entry; "
+                            "d q_scale cannot be computed there (pass q_scale.detach() or nonzero scales)")
     return device
 
 

@@ -203,7 +203,7 @@ class _InplaceRope(torch.autograd.Function):
 
 # ---------------------------------------------------------------- public API
 
-def _validate(q, k, coords, freqs, pairing, backend_name=None):
+def _validate(q, k, coords, freqs, pairing, backend_name=None, *, inplace=False):
     _checks.check_tensor("q", q, ndim=4)
     _checks.check_tensor("k", k, ndim=4, allow_none=True)
     _checks.check_float_tensor("coords", coords, ndim=(2, 3))
@@ -212,13 +212,21 @@ def _validate(q, k, coords, freqs, pairing, backend_name=None):
         raise ValueError(f"pairing must be one of {PAIRINGS}, got {pairing!r}")
     device = _checks.check_same_device(q=q, k=k, coords=coords, freqs=freqs)
     B, Hq, L, D = q.shape
-    if D % 2:
-        raise ValueError(f"the head dim (last dim of q) must be even to form rotation pairs, got {D}")
+    if D % 2 or D == 0:
+        raise ValueError(f"the head dim (last dim of q) must be even and positive to form rotation pairs, got {D}")
     if k is not None:
         if k.dtype != q.dtype:
             raise TypeError(f"k must have q's dtype {q.dtype}, got {k.dtype}")
         if k.shape[0] != B or k.shape[2] != L or k.shape[3] != D:
             raise ValueError(f"k must be (B={B}, Hk, L={L}, D={D}) like q, got shape {tuple(k.shape)}")
+    if inplace and not torch.compiler.is_compiling():
+        # Each backend writes aliased elements in its own order (rotating some twice):
+        # refuse them like eager in-place ops do. (Traced tensors have no addresses;
+        # torch.compile functionalises the in-place op instead.)
+        _checks.check_writable("q", q)
+        _checks.check_writable("k", k)
+        _checks.check_disjoint("q", q, "k", k)
+    _checks.check_no_grad("coords", coords, "apply_rope gives no gradient for coordinates (positions)")
     A = coords.shape[-1]
     if coords.shape[-2] != L:
         raise ValueError(f"coords has {coords.shape[-2]} positions but q has L = {L} tokens")
@@ -286,7 +294,7 @@ def apply_rope_(q: torch.Tensor, k: Optional[torch.Tensor], coords: torch.Tensor
     q and k are rotated in one launch; with it, in one launch each; with learnable
     freqs (requires_grad) out of place and copied back.
     """
-    device = _validate(q, k, coords, freqs, pairing)
+    device = _validate(q, k, coords, freqs, pairing, inplace=True)
     name = _backends.resolve_backend(OP, backend, device)
     if name == "reference":
         # Clones: for fp32 the reference's .float() would alias what copy_ overwrites.
