@@ -208,3 +208,22 @@ def check_disjoint(name_a: str, a: Optional[torch.Tensor], name_b: str, b: Optio
                                          and a.stride() == b.stride()) else "share memory"
         raise ValueError(f"{name_a} and {name_b} {what}, but both are written in place: pass tensors whose "
                          f"elements do not overlap (e.g. the q and k views of a packed qkv buffer)")
+
+
+def refuse_double_backward(backward_op, op: str) -> None:
+    """Registers an autograd formula for a fused backward custom op (whose last
+    argument is the backend) that raises a clear RuntimeError: the kernels have no
+    second derivative, and torch's own message ("no autograd formula was registered")
+    names an internal op. The error comes only when a double backward really goes
+    through the op, so create_graph=True elsewhere in a model keeps working."""
+
+    def setup_context(ctx, inputs, output):
+        ctx.backend = inputs[-1]
+
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            f"posenc_fast: {op} (backend {ctx.backend!r}) does not support double backward (a backward through "
+            f"gradients made with create_graph=True): its fused backward kernels have no derivative; use "
+            f"backend='reference' for higher-order gradients")
+
+    backward_op.register_autograd(backward, setup_context=setup_context)

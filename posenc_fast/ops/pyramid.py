@@ -152,6 +152,7 @@ def _backward(ctx, grad):
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
+_checks.refuse_double_backward(_bwd_op, OP)
 
 
 def _validate(x, pos, lvl, patch_nums, start, pos_weight, sincos_weight):

@@ -180,6 +180,7 @@ def _backward(ctx, dq, dk, dv, _drstd):
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
+_checks.refuse_double_backward(_bwd_op, OP)
 
 
 def _check_bool(name: str, v) -> None:

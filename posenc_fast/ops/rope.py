@@ -163,6 +163,7 @@ def _backward(ctx, grad_q, grad_k):
 
 
 _rope_op.register_autograd(_backward, setup_context=_setup_context)
+_checks.refuse_double_backward(_rope_bwd_op, OP)
 
 
 # -------------------------------------------------------------------- in place
