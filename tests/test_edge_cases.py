@@ -1,0 +1,495 @@
+"""Bad or unusual input that used to corrupt memory silently or make the backends
+disagree (issue 17), checked on every backend: the reference, Triton (under the
+interpreter without a GPU) and CUDA (under host emulation without a GPU, see
+tests/test_cuda_emulation.py; the real kernels on a GPU).
+
+* in-place rope on memory that aliases itself or the other tensor is refused;
+  disjoint interleaved views (q and k of a packed qkv buffer) are accepted;
+* coordinates that require grad are refused by every backend;
+* NaN / Inf masks of every op equal those of the eager composition;
+* degenerate sizes raise ValueError / TypeError naming the argument;
+* index x stride offsets beyond 2^31 elements (huge strides over a buffer that is
+  mostly never touched);
+* a zero q_scale gives exact gradients (and a clear error when q_scale itself
+  needs a gradient there);
+* double backward through a fused op raises a RuntimeError naming the op.
+"""
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import posenc_fast as pf
+from posenc_fast import _backends, _checks, _cuda
+from posenc_fast.nn.attention import FusedSelfAttention
+from posenc_fast.ops import pyramid as P
+from posenc_fast.reference import pyramid as pyr_ref
+from posenc_fast.reference import rope as rope_ref
+from conftest import DEVICE, HAS_CUDA
+from test_cuda_emulation import FAMILIES, _EmulatedLib, _use, emu_builds, sanitizer_dir  # noqa: F401 (fixtures)
+
+BACKENDS = ("reference", "triton", "cuda")
+
+
+class _AllFamilies:
+    """The three emulated family modules as one ``posenc_fast._C``."""
+
+    def __init__(self, modules):
+        self._libs = [_EmulatedLib(m) for m in modules]
+        self._modules = modules
+
+    def __getattr__(self, name):
+        for lib, module in zip(self._libs, self._modules):
+            if hasattr(module, name):
+                return getattr(lib, name)
+        raise AttributeError(name)
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request, monkeypatch):
+    """SimpleNamespace(name, device) of one backend: Triton on this machine's test
+    device; CUDA on the GPU when there is one with the extension built, else the
+    emulated kernels on CPU tensors through the real op layer."""
+    name = request.param
+    if name == "triton" and pf.available_backends(DEVICE)["triton"] != "available":
+        pytest.skip(pf.available_backends(DEVICE)["triton"])
+    if name != "cuda" or (HAS_CUDA and _cuda.load_error() is None):
+        yield SimpleNamespace(name=name, device=DEVICE)
+        return
+    builds = request.getfixturevalue("emu_builds")
+    reports = request.getfixturevalue("sanitizer_dir")
+    # test_cuda_emulation's per-family setup (build, load once, sanitizer check at
+    # teardown), then one library object over the three families.
+    uses = [_use(family, builds, reports, monkeypatch) for family in FAMILIES]
+    modules = [next(u) for u in uses]
+    original = _backends.unavailable_reason
+    monkeypatch.setattr(_backends, "unavailable_reason",
+                        lambda n, device=None: None if n == "cuda" else original(n, device))
+    monkeypatch.setattr(_cuda, "lib", lambda: _AllFamilies(modules))
+    yield SimpleNamespace(name=name, device="cpu")
+    for u in uses:
+        next(u, None)
+
+
+def _rand(*shape, device, dtype=torch.float32):
+    return torch.randn(*shape, dtype=dtype, device=device)
+
+
+def _rope_inputs(device, B=2, H=3, L=7, D=16):
+    coords = torch.randn(L, 2, device=device) * 4
+    freqs = pf.axial_rope_freqs(D).to(device)
+    return coords, freqs
+
+
+# --------------------------------------------------- 1. aliased in-place rope
+
+def _aliasing_cases(device):
+    """(name of the tensor the error names, q, k, buffer) for each refused layout."""
+    B, H, L, D = 2, 3, 7, 16
+    base = _rand(B, 4, L, D, device=device)
+    one = _rand(1, H, L, D, device=device)
+    row = _rand(B, H, 1, D, device=device)
+    flat = _rand(L * D // 2 + D, device=device)
+    return {
+        "k-is-q": ("q and k", base[:, :3], base[:, :3], base),
+        "partial-overlap": ("q and k", base[:, 0:3], base[:, 1:4], base),
+        "q-expanded-batch": ("q", one.expand(B, H, L, D), None, one),
+        "q-expanded-L": ("q", row.expand(B, H, L, D), base[:, :3], row),
+        "k-expanded-batch": ("k", base[:, :3], one.expand(B, H, L, D), one),
+        # overlapping windows: torch calls this layout 'too hard' and lets it pass
+        "q-windows": ("q", flat.as_strided((1, 1, L, D), (0, 0, D // 2, 1)), None, flat),
+        "k-head-of-q": ("q and k", base[:, :3], base[:, 2:3], base),
+    }
+
+
+@pytest.mark.parametrize("case", ["k-is-q", "partial-overlap", "q-expanded-batch", "q-expanded-L",
+                                  "k-expanded-batch", "q-windows", "k-head-of-q"])
+def test_inplace_rope_refuses_aliasing(backend, case):
+    coords, freqs = _rope_inputs(backend.device)
+    names, q, k, buf = _aliasing_cases(backend.device)[case]
+    before = buf.clone()
+    with pytest.raises(ValueError, match=names):
+        pf.apply_rope_(q, k, coords, freqs, backend=backend.name)
+    assert torch.equal(buf, before), "memory changed before the error"
+
+
+def _packed_views(kind, device, B=2, H=3, L=7, D=16):
+    if kind == "qkv-unbind":  # (B, L, 3, H, D) buffer: q and k interleave in every token
+        buf = _rand(B, L, 3, H, D, device=device)
+        q, k, _ = buf.permute(2, 0, 3, 1, 4).unbind(0)
+    elif kind == "qk-interleaved-D":  # q and k alternate element by element
+        buf = _rand(B, H, L, 2 * D, device=device)
+        q, k = buf[..., 0::2], buf[..., 1::2]
+    elif kind == "gqa-heads":  # 3 q heads and 1 k head of one (B, L, H + 1, D) buffer
+        buf = _rand(B, L, H + 1, D, device=device)
+        q, k = buf[:, :, :H].transpose(1, 2), buf[:, :, H:].transpose(1, 2)
+    else:  # two halves of one allocation
+        buf = _rand(2, B, H, L, D, device=device)
+        q, k = buf[0], buf[1]
+    return q, k, buf
+
+
+@pytest.mark.parametrize("kind", ["qkv-unbind", "qk-interleaved-D", "gqa-heads", "halves"])
+def test_inplace_rope_accepts_disjoint_views_of_one_buffer(backend, kind):
+    coords, freqs = _rope_inputs(backend.device)
+    q, k, buf = _packed_views(kind, backend.device)
+    assert _checks.has_internal_overlap(q) is False and not _checks.overlap(q, k)
+    exp_q, exp_k = rope_ref.apply_rope(q.clone(), k.clone(), coords, freqs)
+    untouched = buf.clone()
+    pf.apply_rope_(q, k, coords, freqs, backend=backend.name)
+    torch.testing.assert_close(q, exp_q, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(k, exp_k, atol=1e-5, rtol=1e-5)
+    # everything of the buffer outside q and k is unchanged
+    marks = torch.zeros_like(buf)
+    for view in _same_views(kind, marks):
+        view.fill_(1)
+    outside = marks == 0
+    assert torch.equal(buf[outside], untouched[outside])
+
+
+def _same_views(kind, t):
+    """The q and k views ``_packed_views`` takes, of another buffer of the same shape."""
+    if kind == "qkv-unbind":
+        q, k, _ = t.permute(2, 0, 3, 1, 4).unbind(0)
+    elif kind == "qk-interleaved-D":
+        q, k = t[..., 0::2], t[..., 1::2]
+    elif kind == "gqa-heads":
+        H = t.shape[2] - 1
+        q, k = t[:, :, :H].transpose(1, 2), t[:, :, H:].transpose(1, 2)
+    else:
+        q, k = t[0], t[1]
+    return q, k
+
+
+def test_overlap_decisions_match_brute_force():
+    """The exact overlap search against a list of every element's bytes, on random
+    as_strided layouts (sizes and strides small enough to list)."""
+    gen = torch.Generator().manual_seed(17)
+    buf = torch.zeros(512)
+
+    def offsets(t):
+        return set((_checks._offsets(t)[:, None] + torch.arange(4) + t.data_ptr()).reshape(-1).tolist())
+
+    for _ in range(400):
+        nd = int(torch.randint(1, 4, (), generator=gen))
+        views = []
+        for _ in range(2):
+            sizes = torch.randint(1, 5, (nd,), generator=gen).tolist()
+            strides = torch.randint(0, 8, (nd,), generator=gen).tolist()
+            views.append(buf.as_strided(sizes, strides, int(torch.randint(0, 30, (), generator=gen))))
+        a, b = views
+        listed = _checks._offsets(a)
+        assert _checks.has_internal_overlap(a) == (listed.unique().numel() != a.numel())
+        assert _checks.overlap(a, b) == bool(offsets(a) & offsets(b))
+
+
+# ------------------------------------------- 2. coordinates that require grad
+
+def test_coords_requiring_grad_are_refused(backend):
+    dev = backend.device
+    coords, freqs = _rope_inputs(dev)
+    q, k = _rand(2, 3, 7, 16, device=dev), _rand(2, 3, 7, 16, device=dev)
+    c = coords.clone().requires_grad_()
+    with pytest.raises(ValueError, match="coords requires grad"):
+        pf.apply_rope(q, k, c, freqs, backend=backend.name)
+    with pytest.raises(ValueError, match="coords requires grad"):
+        pf.apply_rope_(q.clone(), k.clone(), c, freqs, backend=backend.name)
+    x, w = _rand(2, 7, 32, device=dev), _rand(96, 32, device=dev) / 6
+    with pytest.raises(ValueError, match="coords requires grad"):
+        pf.qkv_proj(x, w, num_heads=2, coords=c, freqs=freqs, backend=backend.name)
+    # Without autograd the same coordinates are fine, and detached ones give the
+    # result of the plain tensor.
+    with torch.no_grad():
+        got = pf.apply_rope(q, k, c, freqs, backend=backend.name)
+        got_qkv = pf.qkv_proj(x, w, num_heads=2, coords=c, freqs=freqs, backend=backend.name)
+    exp = pf.apply_rope(q, k, coords, freqs, backend="reference")
+    exp_qkv = pf.qkv_proj(x, w, num_heads=2, coords=coords, freqs=freqs, backend="reference")
+    for a, e in zip(got + got_qkv, exp + exp_qkv):
+        torch.testing.assert_close(a, e, atol=1e-4, rtol=1e-4)
+
+
+# ------------------------------------------------------------ 3. NaN / Inf
+
+def _poke(t, gen, n, values=(float("nan"), float("inf"), float("-inf"))):
+    """``t`` with ``n`` random elements set to NaN / +Inf / -Inf."""
+    t = t.clone()
+    flat = t.view(-1)
+    idx = torch.randperm(flat.numel(), generator=gen)[:n].to(t.device)
+    flat[idx] = torch.tensor(values, dtype=t.dtype, device=t.device).repeat(n)[:n]
+    return t
+
+
+def _assert_same_masks(got, exp, what):
+    assert got.dtype == exp.dtype, what
+    for name, fn in (("NaN", torch.isnan), ("+Inf", torch.isposinf), ("-Inf", torch.isneginf)):
+        g, e = fn(got), fn(exp)
+        assert torch.equal(g, e), (f"{what}: {name} masks differ: {int(g.sum())} vs eager {int(e.sum())} "
+                                   f"({int((g != e).sum())} positions)")
+    finite = torch.isfinite(exp)
+    assert finite.any(), f"{what}: nothing finite left to compare"
+    torch.testing.assert_close(got[finite], exp[finite], atol=1e-4, rtol=1e-4)
+
+
+def test_nan_inf_masks_pyramid(backend):
+    dev = backend.device
+    gen = torch.Generator().manual_seed(3)
+    sc = [1, 2, 3]
+    L, C = 14, 24
+    x = _poke(_rand(3, L, C, device=dev), gen, 12)
+    pos = _poke(_rand(1, L, C, device=dev), gen, 5)
+    lvl = _poke(_rand(3, C, device=dev), gen, 2)
+    level = pyr_ref.token_table(sc, device=dev)[:, 0]
+    eager = x + pos + lvl[level]  # VAR: x += lvl_embed(lvl_1L) + pos_1LC (same masks either way)
+    got = pf.pyramid_pos_level_add(x, pos, lvl, sc, backend=backend.name)
+    _assert_same_masks(got, eager, "pyramid_pos_level_add")
+
+
+@pytest.mark.parametrize("pairing", ["interleaved", "half"])
+def test_nan_inf_masks_rope(backend, pairing):
+    dev = backend.device
+    gen = torch.Generator().manual_seed(4)
+    B, H, L, D = 2, 3, 9, 16
+    q = _poke(_rand(B, H, L, D, device=dev), gen, 20)
+    k = _poke(_rand(B, 1, L, D, device=dev), gen, 8)
+    coords = _poke(torch.randn(L, 2, device=dev) * 4, gen, 2)
+    coords[0] = 0.0  # angle 0: Inf x sin(0) = NaN in eager too
+    freqs = _poke(pf.axial_rope_freqs(D).to(dev), gen, 1, (float("nan"),))
+
+    # eager composition: angles, cos / sin, rotate the pairs
+    ang = (coords[:, :, None] * freqs[None]).sum(1)
+    cos, sin = ang.cos(), ang.sin()
+
+    def eager(x):
+        x0, x1 = (x[..., 0::2], x[..., 1::2]) if pairing == "interleaved" else x.chunk(2, -1)
+        y0, y1 = x0 * cos - x1 * sin, x0 * sin + x1 * cos
+        return torch.stack([y0, y1], -1).flatten(-2) if pairing == "interleaved" else torch.cat([y0, y1], -1)
+
+    got_q, got_k = pf.apply_rope(q, k, coords, freqs, pairing=pairing, backend=backend.name)
+    _assert_same_masks(got_q, eager(q), "apply_rope q")
+    _assert_same_masks(got_k, eager(k), "apply_rope k")
+    q2, k2 = q.clone(), k.clone()
+    pf.apply_rope_(q2, k2, coords, freqs, pairing=pairing, backend=backend.name)
+    _assert_same_masks(q2, eager(q), "apply_rope_ q")
+    _assert_same_masks(k2, eager(k), "apply_rope_ k")
+
+
+@pytest.mark.parametrize("rope", [False, True])
+def test_nan_inf_masks_qkv_proj(backend, rope):
+    dev = backend.device
+    gen = torch.Generator().manual_seed(5)
+    B, L, H, D = 2, 12, 2, 32
+    C = H * D
+    x = _poke(_rand(B, L, C, device=dev), gen, 3)
+    w = _poke(_rand(3 * C, C, device=dev) / 8, gen, 3)
+    bias = _poke(_rand(3 * C, device=dev), gen, 1)
+    scale = torch.rand(H, device=dev) + 0.5
+    coords = torch.randn(L, 2, device=dev) * 3 if rope else None
+    freqs = pf.axial_rope_freqs(D).to(dev) if rope else None
+
+    # VAR's / Infinity's eager expressions
+    qkv = F.linear(x, w, bias).view(B, L, 3, H, D).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    q = F.normalize(q, dim=-1, eps=1e-12) * scale.view(1, H, 1, 1)
+    k = F.normalize(k, dim=-1, eps=1e-12)
+    if rope:
+        q, k = rope_ref.apply_rope(q, k, coords, freqs)
+    got = pf.qkv_proj(x, w, bias, num_heads=H, qk_l2norm=True, q_scale=scale, coords=coords, freqs=freqs,
+                      backend=backend.name)
+    for name, a, e in zip("qkv", got, (q, k, v)):
+        assert torch.isnan(e).any() and not torch.isnan(e).all(), "the case lost its point"
+        _assert_same_masks(a, e, f"qkv_proj {name}")
+
+
+# ---------------------------------------------------------- 4. degenerate sizes
+
+def test_degenerate_sizes(backend):
+    dev, name = backend.device, backend.name
+    coords = torch.zeros(5, 1, device=dev)
+    freqs = torch.zeros(1, 0, device=dev)
+    q0 = _rand(1, 2, 5, 0, device=dev)
+    with pytest.raises(ValueError, match="head dim"):
+        pf.apply_rope(q0, None, coords, freqs, backend=name)
+    with pytest.raises(ValueError, match="head dim"):
+        pf.apply_rope_(q0, q0.clone(), coords, freqs, backend=name)
+    with pytest.raises(ValueError, match="at least one channel"):
+        pf.qkv_proj(_rand(2, 3, 0, device=dev), _rand(0, 0, device=dev), num_heads=1, backend=name)
+    with pytest.raises(ValueError, match="num_heads"):
+        pf.qkv_proj(_rand(2, 3, 8, device=dev), _rand(24, 8, device=dev), num_heads=0, backend=name)
+    # empty batches and sequences are fine: empty results
+    q, k = pf.apply_rope(_rand(0, 2, 5, 8, device=dev), None, coords[:, :1].expand(5, 1).contiguous(),
+                         torch.ones(1, 4, device=dev), backend=name)
+    assert q.shape == (0, 2, 5, 8) and k is None
+    out = pf.qkv_proj(_rand(2, 0, 32, device=dev), _rand(96, 32, device=dev), num_heads=2, backend=name)
+    assert [t.shape for t in out] == [(2, 2, 0, 16)] * 3
+
+
+@pytest.mark.parametrize("embed_dim,error", [(0, ValueError), (-4, ValueError), (64.0, TypeError),
+                                             (True, TypeError)])
+def test_module_embed_dims(embed_dim, error):
+    with pytest.raises(error, match="embed_dim"):
+        pf.PyramidPosLevelEmbedding(embed_dim, [1, 2])
+    with pytest.raises(error, match="embed_dim"):
+        FusedSelfAttention(embed_dim, 2)
+
+
+@pytest.mark.parametrize("num_heads,error", [(0, ValueError), (-2, ValueError), (2.0, TypeError)])
+def test_attention_num_heads(num_heads, error):
+    with pytest.raises(error, match="num_heads"):
+        FusedSelfAttention(64, num_heads)
+
+
+# ------------------------------------------------- 5. offsets beyond 2^31 elements
+
+_HUGE = 1 << 30  # a stride of 2^30 elements: index 2 lands at 2^31, past int32
+
+
+def _sparse_view(shape, huge_dim, dtype, device):
+    """A view of ``shape`` whose dim ``huge_dim`` has stride 2^30 elements, over a
+    buffer of 2^31 + a few elements of which only the viewed ones are ever written
+    (the rest stays untouched virtual memory), filled with random values."""
+    dense = [1] * len(shape)
+    for d in range(len(shape) - 2, -1, -1):
+        dense[d] = dense[d + 1] * shape[d + 1]
+    strides = [(_HUGE if d == huge_dim else dense[d]) for d in range(len(shape))]
+    extent = sum(s * (n - 1) for s, n in zip(strides, shape)) + 1
+    buf = torch.empty(extent, dtype=dtype, device=device)
+    view = buf.as_strided(shape, strides)
+    view.copy_(torch.randn(shape, device=device).to(dtype))
+    return view
+
+
+def test_offsets_beyond_int32_pyramid(backend):
+    """Forward x and backward gradient whose batch offset b * stride(0) passes 2^31."""
+    dev = backend.device
+    sc = [1, 2]
+    L, C, B = 5, 8, 3
+    x = _sparse_view((B, L, C), 0, torch.float16, dev)
+    pos, lvl = _rand(L, C, device=dev), _rand(2, C, device=dev)
+    exp = pyr_ref.pyramid_pos_level_add(x.contiguous(), pos, lvl, sc)
+    got = pf.pyramid_pos_level_add(x, pos, lvl, sc, backend=backend.name)
+    torch.testing.assert_close(got, exp, atol=1e-5, rtol=1e-5)
+
+    grad = _sparse_view((B, L, C), 0, torch.float32, dev)
+    if backend.name == "reference":
+        pos_l, lvl_l = pos.clone().requires_grad_(), lvl.clone().requires_grad_()
+        out = pf.pyramid_pos_level_add(x, pos_l, lvl_l, sc, backend="reference")
+        dpos, dlvl = torch.autograd.grad(out, (pos_l, lvl_l), grad)
+    else:  # the backward op itself, fed the strided gradient as it is
+        dpos, dlvl = P._bwd_op(grad, P._flat(P.normalize_scales(sc)), 0, L, 1.0, True, torch.float32,
+                               torch.float32, backend.name)
+    dense = grad.double().sum(0)
+    torch.testing.assert_close(dpos.double(), dense, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dlvl.double(), torch.stack([dense[:1].sum(0), dense[1:].sum(0)]), atol=1e-5,
+                               rtol=1e-5)
+
+
+def test_offsets_beyond_int32_rope(backend):
+    """q whose token offset l * stride(2) passes 2^31."""
+    dev = backend.device
+    D = 16
+    q = _sparse_view((1, 2, 3, D), 2, torch.float16, dev)
+    k = _rand(1, 1, 3, D, device=dev, dtype=torch.float16)
+    coords, freqs = torch.randn(3, 2, device=dev) * 3, pf.axial_rope_freqs(D).to(dev)
+    exp_q, exp_k = rope_ref.apply_rope(q.contiguous(), k, coords, freqs)
+    got_q, got_k = pf.apply_rope(q, k, coords, freqs, backend=backend.name)
+    torch.testing.assert_close(got_q, exp_q, atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(got_k, exp_k, atol=2e-3, rtol=2e-3)
+    pf.apply_rope_(q, k, coords, freqs, backend=backend.name)
+    torch.testing.assert_close(q.contiguous(), exp_q, atol=2e-3, rtol=2e-3)
+
+
+def test_offsets_beyond_int32_qkv_proj(backend):
+    """x whose batch offset b * stride(0) passes 2^31."""
+    dev = backend.device
+    B, L, H, D = 3, 4, 1, 16
+    x = _sparse_view((B, L, H * D), 0, torch.float16, dev)
+    w = (_rand(3 * H * D, H * D, device=dev) / 4).half()
+    coords, freqs = torch.randn(L, 2, device=dev), pf.axial_rope_freqs(D).to(dev)
+    exp = pf.qkv_proj(x.contiguous().float(), w.float(), num_heads=H, qk_l2norm=True, coords=coords, freqs=freqs,
+                      backend="reference")
+    got = pf.qkv_proj(x, w, num_heads=H, qk_l2norm=True, coords=coords, freqs=freqs, backend=backend.name)
+    for a, e in zip(got, exp):
+        torch.testing.assert_close(a.float(), e, atol=4e-3, rtol=4e-3)
+
+
+# ------------------------------------------------------------ 6. zero q_scale
+
+def _qkv_leaves(dev, H=2, D=16, L=6, B=2):
+    C = H * D
+    x = _rand(B, L, C, device=dev).requires_grad_()
+    w = (_rand(3 * C, C, device=dev) / math.sqrt(C)).requires_grad_()
+    b = _rand(3 * C, device=dev).requires_grad_()
+    return x, w, b
+
+
+@pytest.mark.parametrize("rope", [False, True])
+def test_zero_q_scale_gradients(backend, rope):
+    dev = backend.device
+    H, D, L = 2, 16, 6
+    x, w, b = _qkv_leaves(dev, H, D, L)
+    scale = torch.tensor([0.0, 1.5], device=dev)
+    coords = torch.randn(L, 2, device=dev) if rope else None
+    freqs = pf.axial_rope_freqs(D).to(dev).requires_grad_() if rope else None
+    leaves = [t for t in (x, w, b, freqs) if t is not None]
+    outs = pf.qkv_proj(x, w, b, num_heads=H, qk_l2norm=True, q_scale=scale, coords=coords, freqs=freqs,
+                       backend=backend.name)
+    grads = [torch.randn_like(t) for t in outs]
+    got = torch.autograd.grad(outs, leaves, grads)
+    ref_outs = pf.qkv_proj(x, w, b, num_heads=H, qk_l2norm=True, q_scale=scale, coords=coords, freqs=freqs,
+                           backend="reference")
+    exp = torch.autograd.grad(ref_outs, leaves, grads)
+    for name, a, e in zip(("dx", "dw", "dbias", "dfreqs"), got, exp):
+        assert torch.isfinite(a).all(), f"{name} has NaN/Inf"
+        torch.testing.assert_close(a, e, atol=1e-4, rtol=1e-4, msg=name)
+
+
+def test_zero_q_scale_that_requires_grad_is_refused(backend):
+    dev = backend.device
+    x, w, b = _qkv_leaves(dev)
+    scale = torch.tensor([1.0, 0.0], device=dev, requires_grad=True)
+    if torch.device(dev).type == "cuda":
+        pytest.skip("on CUDA the check is a device-side assert, which ends the process's CUDA context")
+    with pytest.raises(RuntimeError, match="q_scale requires grad and has a zero entry"):
+        pf.qkv_proj(x, w, b, num_heads=2, qk_l2norm=True, q_scale=scale, backend=backend.name)
+    with torch.no_grad():  # no gradient needed: accepted
+        pf.qkv_proj(x, w, b, num_heads=2, qk_l2norm=True, q_scale=scale, backend=backend.name)
+    nonzero = torch.tensor([1.0, 0.5], device=dev, requires_grad=True)
+    pf.qkv_proj(x, w, b, num_heads=2, qk_l2norm=True, q_scale=nonzero, backend=backend.name)
+
+
+# ------------------------------------------------------------ 7. double backward
+
+def _double_backward_cases(dev, name):
+    """op -> (outputs, the leaf whose first gradient is differentiated again)."""
+    x = _rand(2, 5, 8, device=dev).requires_grad_()
+    pos = _rand(5, 8, device=dev).requires_grad_()
+    lvl = _rand(2, 8, device=dev).requires_grad_()
+    q = _rand(1, 2, 5, 8, device=dev).requires_grad_()
+    freqs = pf.axial_rope_freqs(8).to(dev).requires_grad_()
+    coords = torch.randn(5, 2, device=dev)
+    xq = _rand(2, 5, 32, device=dev).requires_grad_()
+    w = (_rand(96, 32, device=dev) / 6).requires_grad_()
+    return {
+        "pyramid_pos_level_add": ((pf.pyramid_pos_level_add(x, pos, lvl, [1, 2], backend=name),), pos),
+        "apply_rope": (pf.apply_rope(q, None, coords, freqs, backend=name)[:1], q),
+        "qkv_proj": (pf.qkv_proj(xq, w, num_heads=2, qk_l2norm=True, backend=name), xq),
+    }
+
+
+@pytest.mark.parametrize("op", ["pyramid_pos_level_add", "apply_rope", "qkv_proj"])
+def test_double_backward(backend, op):
+    outs, leaf = _double_backward_cases(backend.device, backend.name)[op]
+    loss = sum((t.float() ** 2).sum() for t in outs)
+    (g,) = torch.autograd.grad(loss, leaf, create_graph=True)
+    if backend.name == "reference":  # plain autograd: supported
+        (gg,) = torch.autograd.grad(g.sum(), leaf)
+        assert torch.isfinite(gg).all()
+        return
+    with pytest.raises(RuntimeError, match=rf"{op} \(backend '{backend.name}'\) does not support double backward"):
+        torch.autograd.grad(g.sum(), leaf)
+    # create_graph=True alone (e.g. for another part of a model) is fine
+    again = torch.autograd.grad(sum((t.float() ** 2).sum() for t in outs), leaf, create_graph=True)[0]
+    torch.testing.assert_close(again, g)
