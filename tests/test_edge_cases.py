@@ -387,18 +387,28 @@ def test_offsets_beyond_int32_pyramid(backend):
 
 
 def test_offsets_beyond_int32_rope(backend):
-    """q whose token offset l * stride(2) passes 2^31."""
+    """q and its output gradient whose token offset l * stride(2) passes 2^31."""
     dev = backend.device
     D = 16
-    q = _sparse_view((1, 2, 3, D), 2, torch.float16, dev)
+    q = _sparse_view((1, 2, 3, D), 2, torch.float16, dev).requires_grad_()
     k = _rand(1, 1, 3, D, device=dev, dtype=torch.float16)
-    coords, freqs = torch.randn(3, 2, device=dev) * 3, pf.axial_rope_freqs(D).to(dev)
-    exp_q, exp_k = rope_ref.apply_rope(q.contiguous(), k, coords, freqs)
+    coords = torch.randn(3, 2, device=dev) * 3
+    freqs = pf.axial_rope_freqs(D).to(dev).requires_grad_()
+    exp_q, exp_k = rope_ref.apply_rope(q.detach().contiguous(), k, coords, freqs.detach())
     got_q, got_k = pf.apply_rope(q, k, coords, freqs, backend=backend.name)
     torch.testing.assert_close(got_q, exp_q, atol=2e-3, rtol=2e-3)
     torch.testing.assert_close(got_k, exp_k, atol=2e-3, rtol=2e-3)
-    pf.apply_rope_(q, k, coords, freqs, backend=backend.name)
-    torch.testing.assert_close(q.contiguous(), exp_q, atol=2e-3, rtol=2e-3)
+    grad = _sparse_view(tuple(q.shape), 2, torch.float16, dev)
+    dq, dfreqs = torch.autograd.grad(got_q, (q, freqs), grad)
+    # dq: the conjugate rotation of the gradient; d freqs from fp32 math
+    exp_dq = rope_ref.apply_rope(grad.contiguous(), None, -coords, freqs.detach())[0]
+    q_ref = rope_ref.apply_rope(q.detach().contiguous().float(), None, coords, freqs)[0]
+    exp_dfreqs = torch.autograd.grad(q_ref, freqs, grad.float())[0]
+    torch.testing.assert_close(dq, exp_dq, atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(dfreqs, exp_dfreqs, atol=2e-2, rtol=2e-2)
+    with torch.no_grad():
+        pf.apply_rope_(q, k, coords, freqs, backend=backend.name)
+    torch.testing.assert_close(q.detach().contiguous(), exp_q, atol=2e-3, rtol=2e-3)
 
 
 def test_offsets_beyond_int32_qkv_proj(backend):
@@ -413,6 +423,23 @@ def test_offsets_beyond_int32_qkv_proj(backend):
     got = pf.qkv_proj(x, w, num_heads=H, qk_l2norm=True, coords=coords, freqs=freqs, backend=backend.name)
     for a, e in zip(got, exp):
         torch.testing.assert_close(a.float(), e, atol=4e-3, rtol=4e-3)
+
+
+def test_offsets_beyond_int32_qkv_proj_backward(backend):
+    """Output gradients whose batch offset b * stride(0) passes 2^31."""
+    dev = backend.device
+    B, L, H, D = 3, 4, 2, 16
+    C = H * D
+    x = _rand(B, L, C, device=dev).half().requires_grad_()
+    w = (_rand(3 * C, C, device=dev) / 6).half().requires_grad_()
+    coords, freqs = torch.randn(L, 2, device=dev), pf.axial_rope_freqs(D).to(dev).requires_grad_()
+    kw = dict(num_heads=H, qk_l2norm=True, q_scale=torch.rand(H, device=dev) + 0.5, coords=coords, freqs=freqs)
+    grads = [_sparse_view((B, H, L, D), 0, torch.float16, dev) for _ in range(3)]
+    got = torch.autograd.grad(pf.qkv_proj(x, w, backend=backend.name, **kw), (x, w, freqs), grads)
+    exp = torch.autograd.grad(pf.qkv_proj(x, w, backend="reference", **kw), (x, w, freqs),
+                              [g.contiguous() for g in grads])
+    for name, a, e in zip(("dx", "dw", "dfreqs"), got, exp):
+        torch.testing.assert_close(a.float(), e.float(), atol=3e-2, rtol=3e-2, msg=name)
 
 
 # ------------------------------------------------------------ 6. zero q_scale
