@@ -520,3 +520,36 @@ def test_double_backward(backend, op):
     # create_graph=True alone (e.g. for another part of a model) is fine
     again = torch.autograd.grad(sum((t.float() ** 2).sum() for t in outs), leaf, create_graph=True)[0]
     torch.testing.assert_close(again, g)
+
+
+def test_double_backward_of_rope_with_frozen_freqs(backend):
+    """Without learnable frequencies the backward is the conjugate rotation, itself
+    differentiable: second derivatives match the reference's on every backend."""
+    dev = backend.device
+    q = _rand(2, 2, 5, 8, device=dev).requires_grad_()
+    coords, freqs = torch.randn(5, 2, device=dev), pf.axial_rope_freqs(8).to(dev)
+    weight = _rand(2, 2, 5, 8, device=dev)
+
+    def second(name):
+        (out,) = pf.apply_rope(q, None, coords, freqs, backend=name)[:1]
+        (g,) = torch.autograd.grad((out * out * weight).sum(), q, create_graph=True)
+        return torch.autograd.grad((g * weight).sum(), q)[0]
+
+    torch.testing.assert_close(second(backend.name), second("reference"), atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------- 8. python -m posenc_fast
+
+def test_demo_checks_against_float64(capsys):
+    """The demo's error column compares with float64 math, so even the reference row
+    is a real check (fp32 rounding shows), not the reference against itself."""
+    from posenc_fast.__main__ import main
+
+    assert main(["--small", "--rep", "1", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "err vs f64" in out
+    rows = [line for line in out.splitlines() if line.split()[-3:-2] == ["reference"]]
+    assert len(rows) == 3, out
+    for row in rows:
+        err = float(row.split()[-2])
+        assert 0.0 < err < 1e-3, row
