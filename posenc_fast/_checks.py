@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import math
 import os
 from typing import Optional, Sequence
 
@@ -91,18 +93,12 @@ def check_no_grad(name: str, t: Optional[torch.Tensor], why: str) -> None:
 _OVERLAP_SEARCH_BUDGET = 20000
 
 
-def _byte_dims(t: torch.Tensor):
-    """(byte stride, size) of the dims of ``t`` that hold more than one element."""
-    item = t.element_size()
-    return [(st * item, n) for st, n in zip(t.stride(), t.shape) if n > 1]
-
-
 def _solvable(dims, lo: int, hi: int, budget: list) -> Optional[bool]:
     """Whether integers c_i in [c_lo_i, c_hi_i] exist with lo <= sum_i s_i c_i <= hi,
     for ``dims`` = [(s_i > 0, c_lo_i, c_hi_i)] sorted by decreasing s_i; None when the
     search exceeds ``budget[0]`` nodes. Depth-first over the largest stride first:
     each c_i is confined to the values that the smaller strides can still complete,
-    which for nested (non-overlapping-looking) layouts leaves one or two candidates."""
+    which for nested layouts leaves one or two candidates per level."""
     rest_lo = [0] * (len(dims) + 1)
     rest_hi = [0] * (len(dims) + 1)
     for i in range(len(dims) - 1, -1, -1):
@@ -128,36 +124,75 @@ def _solvable(dims, lo: int, hi: int, budget: list) -> Optional[bool]:
     return search(0, lo, hi)
 
 
-def _offsets(t: torch.Tensor) -> torch.Tensor:
-    """Byte offsets (from the data pointer) of every element of ``t``, int64."""
+def _offsets(shape, stride, item: int) -> torch.Tensor:
+    """Byte offsets (from the data pointer) of every element of a layout, int64."""
     off = torch.zeros((), dtype=torch.int64)
-    for st, n in zip(t.stride(), t.shape):
-        off = off[..., None] + torch.arange(n, dtype=torch.int64) * (st * t.element_size())
+    for st, n in zip(stride, shape):
+        off = off[..., None] + torch.arange(n, dtype=torch.int64) * (st * item)
     return off.reshape(-1)
+
+
+# The decisions depend on the layouts only (and on the distance between the data
+# pointers), which repeat from call to call: cached, they cost no host time.
+@functools.lru_cache(maxsize=256)
+def _layout_self_overlap(shape, stride, item: int) -> bool:
+    dims = sorted(((st * item, n) for st, n in zip(stride, shape) if n > 1), key=lambda d: d[0])
+    if dims and dims[0][0] == 0:
+        return True
+    # Nested strides (each one past the span of the smaller ones, e.g. any view that
+    # slices or permutes a dense buffer) cannot overlap: no search needed.
+    span = 0
+    for st, n in dims:
+        if st <= span:
+            break
+        span += st * (n - 1)
+    else:
+        return False
+    dims.reverse()
+    budget = [_OVERLAP_SEARCH_BUDGET]
+    # Two elements coincide iff sum_i s_i (a_i - b_i) = 0 with a != b; take the
+    # largest-stride dim where they differ as i0 (differences above it are zero,
+    # and by symmetry the one at i0 is positive).
+    for i0, (st, n) in enumerate(dims):
+        rest = [(sj, -(nj - 1), nj - 1) for sj, nj in dims[i0 + 1:]]
+        found = _solvable([(st, 1, n - 1)] + rest, 0, 0, budget)
+        if found is None:
+            return _offsets(shape, stride, item).unique().numel() != math.prod(shape)
+        if found:
+            return True
+    return False
+
+
+@functools.lru_cache(maxsize=256)
+def _layout_overlap(shape_a, stride_a, item_a: int, shape_b, stride_b, item_b: int, delta: int) -> bool:
+    """Whether a layout at byte ``delta`` from another shares a byte with it."""
+    # An element at byte offset x of a and one at y of b share a byte iff
+    # -item_b < x - y < item_a, with x - y = delta + sum s_i c_i over a's dims
+    # (c_i >= 0) and b's dims (c_i <= 0).
+    ranges = {}
+    for st, lo, hi in ([(st * item_a, 0, n - 1) for st, n in zip(stride_a, shape_a) if n > 1] +
+                       [(st * item_b, -(n - 1), 0) for st, n in zip(stride_b, shape_b) if n > 1]):
+        if st:
+            # Equal strides (q and k of one packed buffer) merge into one dim: the
+            # sums of two integer ranges are exactly the integers of the summed range.
+            old_lo, old_hi = ranges.get(st, (0, 0))
+            ranges[st] = (old_lo + lo, old_hi + hi)
+    dims = sorted(((st, lo, hi) for st, (lo, hi) in ranges.items()), key=lambda d: -d[0])
+    found = _solvable(dims, -delta - item_b + 1, -delta + item_a - 1, [_OVERLAP_SEARCH_BUDGET])
+    if found is None:
+        offs_a = _offsets(shape_a, stride_a, item_a)[:, None] + torch.arange(item_a) + delta
+        offs_b = _offsets(shape_b, stride_b, item_b)[:, None] + torch.arange(item_b)
+        return bool(torch.isin(offs_a.reshape(-1), offs_b.reshape(-1)).any())
+    return found
 
 
 def has_internal_overlap(t: torch.Tensor) -> bool:
     """True when two elements of ``t`` share memory (e.g. a stride-0 expand, or
     as_strided windows), decided exactly: not torch's conservative 'too hard'."""
-    if t.numel() <= 1:
-        return False
-    dims = _byte_dims(t)
-    if any(s == 0 for s, _ in dims):
-        return True
-    dims.sort(key=lambda d: -d[0])
-    budget = [_OVERLAP_SEARCH_BUDGET]
-    # Two elements coincide iff sum_i s_i (a_i - b_i) = 0 with a != b; take the
-    # largest-stride dim where they differ as i0 (differences above it are zero,
-    # and by symmetry the one at i0 is positive).
-    for i0 in range(len(dims)):
-        s, n = dims[i0]
-        rest = [(sj, -(nj - 1), nj - 1) for sj, nj in dims[i0 + 1:]]
-        found = _solvable([(s, 1, n - 1)] + rest, 0, 0, budget)
-        if found is None:
-            return _offsets(t).unique().numel() != t.numel()
-        if found:
-            return True
-    return False
+    verdict = torch._debug_has_internal_overlap(t)  # 0: no, 1: yes, 2: torch cannot tell
+    if verdict != 2:
+        return verdict == 1
+    return _layout_self_overlap(tuple(t.shape), t.stride(), t.element_size())
 
 
 def overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -176,19 +211,8 @@ def overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
     (alo, ahi), (blo, bhi) = span(a), span(b)
     if ahi <= blo or bhi <= alo:
         return False
-    # An element at byte offset x of a and one at y of b share a byte iff
-    # -size_b < x - y < size_a, with x - y = delta + sum s_i c_i over a's dims
-    # (c_i >= 0) and b's dims (c_i <= 0).
-    delta = a.data_ptr() - b.data_ptr()
-    dims = [(s, 0, n - 1) for s, n in _byte_dims(a) if s] + [(s, -(n - 1), 0) for s, n in _byte_dims(b) if s]
-    dims.sort(key=lambda d: -d[0])
-    found = _solvable(dims, -delta - b.element_size() + 1, -delta + a.element_size() - 1,
-                      [_OVERLAP_SEARCH_BUDGET])
-    if found is None:
-        offs_a = _offsets(a)[:, None] + torch.arange(a.element_size()) + delta
-        offs_b = _offsets(b)[:, None] + torch.arange(b.element_size())
-        return bool(torch.isin(offs_a.reshape(-1), offs_b.reshape(-1)).any())
-    return found
+    return _layout_overlap(tuple(a.shape), a.stride(), a.element_size(), tuple(b.shape), b.stride(),
+                           b.element_size(), a.data_ptr() - b.data_ptr())
 
 
 def check_writable(name: str, t: Optional[torch.Tensor]) -> None:

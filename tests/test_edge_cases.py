@@ -164,16 +164,25 @@ def _same_views(kind, t):
     return q, k
 
 
-def test_overlap_decisions_match_brute_force():
-    """The exact overlap search against a list of every element's bytes, on random
-    as_strided layouts (sizes and strides small enough to list)."""
+@pytest.mark.parametrize("search", ["search", "listing"])
+def test_overlap_decisions_match_brute_force(monkeypatch, search):
+    """The exact overlap decisions against sets of every element's bytes, on random
+    as_strided layouts, both by the search and by its fallback (offset listing)."""
+    if search == "listing":
+        monkeypatch.setattr(_checks, "_OVERLAP_SEARCH_BUDGET", 0)
+    _checks._layout_self_overlap.cache_clear()
+    _checks._layout_overlap.cache_clear()
     gen = torch.Generator().manual_seed(17)
     buf = torch.zeros(512)
 
-    def offsets(t):
-        return set((_checks._offsets(t)[:, None] + torch.arange(4) + t.data_ptr()).reshape(-1).tolist())
+    def element_bytes(t):
+        out = []
+        for idx in torch.cartesian_prod(*[torch.arange(n) for n in t.shape]).reshape(t.numel(), -1).tolist():
+            start = t.data_ptr() + 4 * sum(i * st for i, st in zip(idx, t.stride()))
+            out.append(set(range(start, start + 4)))
+        return out
 
-    for _ in range(400):
+    for _ in range(300):
         nd = int(torch.randint(1, 4, (), generator=gen))
         views = []
         for _ in range(2):
@@ -181,9 +190,14 @@ def test_overlap_decisions_match_brute_force():
             strides = torch.randint(0, 8, (nd,), generator=gen).tolist()
             views.append(buf.as_strided(sizes, strides, int(torch.randint(0, 30, (), generator=gen))))
         a, b = views
-        listed = _checks._offsets(a)
-        assert _checks.has_internal_overlap(a) == (listed.unique().numel() != a.numel())
-        assert _checks.overlap(a, b) == bool(offsets(a) & offsets(b))
+        bytes_a, bytes_b = element_bytes(a), element_bytes(b)
+        shared_within = len(set().union(*bytes_a)) != 4 * a.numel()
+        assert _checks.has_internal_overlap(a) == shared_within, (a.shape, a.stride())
+        assert _checks._layout_self_overlap(tuple(a.shape), a.stride(), 4) == shared_within
+        assert _checks.overlap(a, b) == bool(set().union(*bytes_a) & set().union(*bytes_b)), \
+            (a.shape, a.stride(), b.shape, b.stride())
+    _checks._layout_self_overlap.cache_clear()
+    _checks._layout_overlap.cache_clear()
 
 
 # ------------------------------------------- 2. coordinates that require grad
