@@ -85,10 +85,10 @@ def _bwd_rows_kernel(g_ptr, dpos_ptr, partial_ptr, chunks_ptr,
     chunk_sum = tl.zeros([BLOCK_C], dtype=tl.float32)
     g_row = g_ptr + r0.to(tl.int64) * sgt + c[None, :] * sgc
     dpos_row = dpos_ptr + r0.to(tl.int64) * sdp + c
-    for _ in range(r0, r1):
+    for r in range(r0, r1):  # r, b0: counters only (the pointers advance)
         acc = tl.zeros([BLOCK_B, BLOCK_C], dtype=tl.float32)
         b = bb
-        for _ in range(0, B, BLOCK_B):
+        for b0 in range(0, B, BLOCK_B):
             m = (b < B)[:, None] & c_ok[None, :]
             acc += tl.load(g_row + b[:, None] * sgb, mask=m, other=0.0).to(tl.float32)
             b += BLOCK_B
@@ -110,7 +110,7 @@ def _bwd_levels_kernel(partial_ptr, offsets_ptr, dlvl_ptr, C, sdl, BLOCK_C: tl.c
     k1 = tl.load(offsets_ptr + s + 1)
     acc = tl.zeros([BLOCK_C], dtype=tl.float32)
     part = partial_ptr + k0.to(tl.int64) * C + c  # advanced by pointer: k * C may pass 2^31
-    for _ in range(k0, k1):
+    for k in range(k0, k1):  # k: a counter only (the pointer advances)
         acc += tl.load(part, mask=c_ok, other=0.0)
         part += C
     tl.store(dlvl_ptr + s * sdl + c, acc.to(dlvl_ptr.dtype.element_ty), mask=c_ok)
