@@ -59,6 +59,7 @@ def _half(P, BLOCK_P: tl.constexpr, EVEN_P: tl.constexpr):
 
 @triton.jit
 def _load_pairs(base, sl, sd, offs_l, offs_p, l_ok, P, INTERLEAVED: tl.constexpr, EVEN_P: tl.constexpr):
+    # offs_l is int64 and the dim indices are widened too: index x stride may pass 2^31.
     BLOCK_L: tl.constexpr = offs_l.shape[0]
     BLOCK_P: tl.constexpr = offs_p.shape[0]
     if INTERLEAVED:

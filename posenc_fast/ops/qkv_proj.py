@@ -15,9 +15,11 @@ Saved for backward: x, W, the per-(row, head) inverse norms and the outputs q an
 k themselves (the same tensors the attention that consumes them keeps; no
 copies). The pre-rotation, post-norm vectors are recovered as ``R^T q / q_scale``
 instead of recomputing the GEMM, which would cost 2/3 of a GEMM more and miss the
-<= 1.25x target; the price is that q_scale must be nonzero (VAR and Infinity use
-``exp(...)``) and that bf16/fp16 outputs round that recovered vector to the output
-precision, the same precision eager autocast code keeps for its backward.
+<= 1.25x target; the price is that d q_scale cannot be had where q_scale is 0
+(every backend raises then, see ``_validate``; the other gradients stay exact, and
+VAR and Infinity use ``exp(...)``) and that bf16/fp16 outputs round that recovered
+vector to the output precision, the same precision eager autocast code keeps for
+its backward.
 """
 
 from __future__ import annotations
@@ -286,7 +288,9 @@ def qkv_proj(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
     cast like ``F.linear`` does and the outputs have the autocast dtype. Norm,
     scale and rotation run in fp32. fp32 GEMMs use TF32 only where
     ``torch.backends.cuda.matmul.allow_tf32`` lets ``F.linear`` use it. Gradients
-    flow to x, weight, bias, q_scale (must be nonzero) and freqs.
+    flow to x, weight, bias, q_scale and freqs, not to coords (ValueError when they
+    require grad). A q_scale that requires grad must be nonzero (RuntimeError; on
+    CUDA a device-side assert, which needs no host sync).
 
     Kernel limits: Triton needs a power-of-two head_dim in [16, 256]; CUDA an even
     head_dim <= 256 and at most 4 rope axes. ``auto`` takes the fastest backend

@@ -273,7 +273,8 @@ def apply_rope(q: torch.Tensor, k: Optional[torch.Tensor], coords: torch.Tensor,
         backend: None, "auto", "cuda", "triton" or "reference".
 
     Math in fp32 with autocast off; outputs in the input dtype. Gradients flow to q,
-    k and (when it requires grad) freqs; d freqs is a deterministic reduction.
+    k and (when it requires grad) freqs; d freqs is a deterministic reduction. coords
+    get none: ValueError when they require grad.
     """
     device = _validate(q, k, coords, freqs, pairing)
     name = _backends.resolve_backend(OP, backend, device)
@@ -291,7 +292,9 @@ def apply_rope_(q: torch.Tensor, k: Optional[torch.Tensor], coords: torch.Tensor
 
     Safe for autograd: gradients are those of ``apply_rope``, and autograd's version
     counters raise if a tensor needed by the backward is overwritten afterwards.
-    Like any in-place op it is refused on leaves that require grad. Without autograd
+    Like any in-place op it is refused on leaves that require grad, and (ValueError)
+    when q or k has elements sharing memory or q and k share elements; disjoint
+    views of one buffer (q and k of a packed qkv tensor) are fine. Without autograd
     q and k are rotated in one launch; with it, in one launch each; with learnable
     freqs (requires_grad) out of place and copied back.
     """
