@@ -78,7 +78,7 @@ def _rand(*shape, device, dtype=torch.float32):
     return torch.randn(*shape, dtype=dtype, device=device)
 
 
-def _rope_inputs(device, B=2, H=3, L=7, D=16):
+def _rope_inputs(device, L=7, D=16):
     coords = torch.randn(L, 2, device=device) * 4
     freqs = pf.axial_rope_freqs(D).to(device)
     return coords, freqs
@@ -116,27 +116,34 @@ def test_inplace_rope_refuses_aliasing(backend, case):
     assert torch.equal(buf, before), "memory changed before the error"
 
 
-def _packed_views(kind, device, B=2, H=3, L=7, D=16):
-    if kind == "qkv-unbind":  # (B, L, 3, H, D) buffer: q and k interleave in every token
-        buf = _rand(B, L, 3, H, D, device=device)
+B_, H_, L_, D_ = 2, 3, 7, 16
+PACKED = {  # kind -> shape of the buffer q and k are views of
+    "qkv-unbind": (B_, L_, 3, H_, D_),       # packed qkv: q and k interleave in every token
+    "qk-interleaved-D": (B_, H_, L_, 2 * D_),  # q and k alternate element by element
+    "gqa-heads": (B_, L_, H_ + 1, D_),         # 3 q heads and 1 k head per token
+    "halves": (2, B_, H_, L_, D_),             # two halves of one allocation
+}
+
+
+def _packed_views(kind, buf):
+    """The (B, H, L, D) q and k views of a buffer shaped ``PACKED[kind]``."""
+    if kind == "qkv-unbind":
         q, k, _ = buf.permute(2, 0, 3, 1, 4).unbind(0)
-    elif kind == "qk-interleaved-D":  # q and k alternate element by element
-        buf = _rand(B, H, L, 2 * D, device=device)
+    elif kind == "qk-interleaved-D":
         q, k = buf[..., 0::2], buf[..., 1::2]
-    elif kind == "gqa-heads":  # 3 q heads and 1 k head of one (B, L, H + 1, D) buffer
-        buf = _rand(B, L, H + 1, D, device=device)
-        q, k = buf[:, :, :H].transpose(1, 2), buf[:, :, H:].transpose(1, 2)
-    else:  # two halves of one allocation
-        buf = _rand(2, B, H, L, D, device=device)
+    elif kind == "gqa-heads":
+        q, k = buf[:, :, :H_].transpose(1, 2), buf[:, :, H_:].transpose(1, 2)
+    else:
         q, k = buf[0], buf[1]
-    return q, k, buf
+    return q, k
 
 
-@pytest.mark.parametrize("kind", ["qkv-unbind", "qk-interleaved-D", "gqa-heads", "halves"])
+@pytest.mark.parametrize("kind", list(PACKED))
 def test_inplace_rope_accepts_disjoint_views_of_one_buffer(backend, kind):
     coords, freqs = _rope_inputs(backend.device)
-    q, k, buf = _packed_views(kind, backend.device)
-    assert _checks.has_internal_overlap(q) is False and not _checks.overlap(q, k)
+    buf = _rand(*PACKED[kind], device=backend.device)
+    q, k = _packed_views(kind, buf)
+    assert _checks.has_internal_overlap(q) is False and _checks.overlap(q, k) is False
     exp_q, exp_k = rope_ref.apply_rope(q.clone(), k.clone(), coords, freqs)
     untouched = buf.clone()
     pf.apply_rope_(q, k, coords, freqs, backend=backend.name)
@@ -144,24 +151,10 @@ def test_inplace_rope_accepts_disjoint_views_of_one_buffer(backend, kind):
     torch.testing.assert_close(k, exp_k, atol=1e-5, rtol=1e-5)
     # everything of the buffer outside q and k is unchanged
     marks = torch.zeros_like(buf)
-    for view in _same_views(kind, marks):
+    for view in _packed_views(kind, marks):
         view.fill_(1)
     outside = marks == 0
     assert torch.equal(buf[outside], untouched[outside])
-
-
-def _same_views(kind, t):
-    """The q and k views ``_packed_views`` takes, of another buffer of the same shape."""
-    if kind == "qkv-unbind":
-        q, k, _ = t.permute(2, 0, 3, 1, 4).unbind(0)
-    elif kind == "qk-interleaved-D":
-        q, k = t[..., 0::2], t[..., 1::2]
-    elif kind == "gqa-heads":
-        H = t.shape[2] - 1
-        q, k = t[:, :, :H].transpose(1, 2), t[:, :, H:].transpose(1, 2)
-    else:
-        q, k = t[0], t[1]
-    return q, k
 
 
 @pytest.mark.parametrize("search", ["search", "listing"])
