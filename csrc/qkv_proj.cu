@@ -124,7 +124,9 @@ qkv_fwd_kernel(const QkvProjFwdArgs a, bool vec) {
       float ss = 0.f;
 #pragma unroll
       for (int i = 0; i < PPL; ++i) ss += x0[i] * x0[i] + x1[i] * x1[i];
-      const float r = 1.f / fmaxf(sqrtf(warp_sum(ss)), 1e-12f);
+      const float norm = sqrtf(warp_sum(ss));
+      // max(norm, eps) that keeps a NaN norm NaN like eager's clamp_min (fmaxf drops it).
+      const float r = 1.f / (norm < 1e-12f ? 1e-12f : norm);
 #pragma unroll
       for (int i = 0; i < PPL; ++i) {
         x0[i] *= r;
@@ -242,10 +244,14 @@ qkv_bwd_kernel(const QkvProjBwdArgs a, bool vec) {
       }
     }
     if (scaled) {
+      // The value before the scale. Where the scale is 0 the output is 0 and so is
+      // every gradient through it: divide by 1 instead, which keeps dx and dW exact
+      // (d q_scale needs nonzero scales; posenc_fast/ops/qkv_proj.py checks that).
+      const float div = sc == 0.f ? 1.f : sc;
 #pragma unroll
       for (int i = 0; i < PPL; ++i) {
-        y0[i] /= sc;  // the value before the scale
-        y1[i] /= sc;
+        y0[i] /= div;
+        y1[i] /= div;
         if (want_dscale) acc_s += g0[i] * y0[i] + g1[i] * y1[i];
         g0[i] *= sc;
         g1[i] *= sc;

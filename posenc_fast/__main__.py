@@ -2,9 +2,10 @@
 
 Prints versions, each backend's availability (with the reason when it is not
 available) and the device; then runs every op on VAR-shaped inputs on the default
-device (the CPU reference when there is no GPU), checks every available backend
-against the reference, forward and backward, and prints a small timing table.
-Exits non-zero when a backend disagrees with the reference.
+device (the CPU reference when there is no GPU), checks every available backend,
+the reference included, forward and backward against the same math in float64 (the
+reference evaluated on float64 copies of the inputs), and prints a small timing
+table. Exits non-zero when a backend is off by more than its dtype's tolerance.
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ from typing import Callable, List, Tuple
 import torch
 
 import posenc_fast as pf
+from posenc_fast.reference import pyramid as ref_pyramid
+from posenc_fast.reference import qkv_proj as ref_qkv
+from posenc_fast.reference import rope as ref_rope
 
 VAR_PN = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 INFINITY_SCHEDULE_TO_16 = (1, 2, 4, 6, 8, 12, 16)
@@ -43,7 +47,7 @@ def _time_ms(fn: Callable[[], object], device: torch.device, rep: int) -> float:
 
 
 def _max_err(a, b) -> float:
-    return max((x.float() - y.float()).abs().max().item() for x, y in zip(a, b) if x is not None)
+    return max((x.double() - y.double()).abs().max().item() for x, y in zip(a, b) if x is not None)
 
 
 def _fwd_bwd(fn, inputs):
@@ -55,8 +59,10 @@ def _fwd_bwd(fn, inputs):
     return outs + tuple(grads)
 
 
-def demo_cases(device: torch.device, small: bool) -> List[Tuple[str, Callable, list, float]]:
-    """(name, fn(backend), differentiable inputs, tolerance) per op."""
+def demo_cases(device: torch.device, small: bool) -> List[Tuple[str, Callable, Callable, list, float]]:
+    """(name, fn(backend, *inputs), exact(*float64 inputs), differentiable inputs,
+    tolerance) per op; ``exact`` is the reference math (posenc_fast.reference), which
+    the ops' float32/16 contract keeps away from float64 but which runs in it."""
     gen = torch.Generator(device="cpu").manual_seed(0)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     tol = 3e-2 if dtype == torch.bfloat16 else 1e-4
@@ -68,7 +74,8 @@ def demo_cases(device: torch.device, small: bool) -> List[Tuple[str, Callable, l
     L = sum(p * p for p in VAR_PN)
     x, pos, lvl = rand(B, L, C), rand(1, L, C, scale=0.02), rand(len(VAR_PN), C, scale=0.02)
     cases = [(f"pyramid_pos_level_add  B={B} L={L} C={C}",
-              lambda be: pf.pyramid_pos_level_add(x, pos, lvl, VAR_PN, backend=be), [x, pos, lvl], tol)]
+              lambda be, x, pos, lvl: pf.pyramid_pos_level_add(x, pos, lvl, VAR_PN, backend=be),
+              lambda x, pos, lvl: ref_pyramid.pyramid_pos_level_add(x, pos, lvl, VAR_PN), [x, pos, lvl], tol)]
 
     if hasattr(pf, "apply_rope"):
         H, D = (2, 64) if small else (16, 128)
@@ -77,7 +84,8 @@ def demo_cases(device: torch.device, small: bool) -> List[Tuple[str, Callable, l
         Lr = coords.shape[0]
         q, k = rand(B, H, Lr, D), rand(B, H, Lr, D)
         cases.append((f"apply_rope (2D, round) B={B} H={H} L={Lr} D={D}",
-                      lambda be: pf.apply_rope(q, k, coords, freqs, backend=be), [q, k], tol))
+                      lambda be, q, k: pf.apply_rope(q, k, coords, freqs, backend=be),
+                      lambda q, k: ref_rope.apply_rope(q, k, coords.double(), freqs.double()), [q, k], tol))
 
     if hasattr(pf, "qkv_proj"):
         H = 2 if small else 16
@@ -86,8 +94,11 @@ def demo_cases(device: torch.device, small: bool) -> List[Tuple[str, Callable, l
         w, bias = rand(3 * Cq, Cq, scale=Cq ** -0.5), rand(3 * Cq, scale=0.02)
         q_scale = torch.full((H,), 4.0, device=device)
         cases.append((f"qkv_proj (VAR: bias+l2norm) B={B} L={L} C={Cq} H={H}",
-                      lambda be: pf.qkv_proj(xq, w, bias, num_heads=H, qk_l2norm=True, q_scale=q_scale,
-                                             backend=be), [xq, w, bias], tol))
+                      lambda be, xq, w, bias: pf.qkv_proj(xq, w, bias, num_heads=H, qk_l2norm=True,
+                                                          q_scale=q_scale, backend=be),
+                      lambda xq, w, bias: ref_qkv.qkv_proj(xq, w, bias, num_heads=H, qk_l2norm=True,
+                                                                q_scale=q_scale.double()),
+                      [xq, w, bias], tol))
     return cases
 
 
@@ -123,18 +134,19 @@ def main(argv=None) -> int:
     backends = [b for b in ("cuda", "triton", "reference") if avail[b] == "available"]
 
     print(f"\nVAR-shaped demo on {device} ({'small shapes' if small else 'VAR-d16 shapes'}), "
-          f"forward + backward, checked against the reference:")
-    header = f"{'op':<52} {'backend':<10} {'max |err|':>10} {'ms (fwd+bwd)':>13}"
+          f"forward + backward, each backend (the reference too) checked against float64 math:")
+    header = f"{'op':<52} {'backend':<10} {'err vs f64':>10} {'ms (fwd+bwd)':>13}"
     print(header)
     print("-" * len(header))
     failed = False
-    for name, fn, inputs, tol in demo_cases(device, small):
-        want = _fwd_bwd(lambda: fn("reference"), inputs)
+    for name, fn, exact_fn, inputs, tol in demo_cases(device, small):
+        exact = [t.detach().double().requires_grad_() for t in inputs]
+        want = _fwd_bwd(lambda: exact_fn(*exact), exact)
         for be in backends:
             try:
-                got = _fwd_bwd(lambda: fn(be), inputs)
+                got = _fwd_bwd(lambda: fn(be, *inputs), inputs)
                 err = _max_err(got, want)
-                ms = _time_ms(lambda: _fwd_bwd(lambda: fn(be), inputs), device, rep)
+                ms = _time_ms(lambda: _fwd_bwd(lambda: fn(be, *inputs), inputs), device, rep)
                 ok = err <= tol * max(1.0, max(w.float().abs().max().item() for w in want))
                 failed |= not ok
                 print(f"{name:<52} {be:<10} {err:>10.2e} {ms:>13.3f}{'' if ok else '  MISMATCH'}")

@@ -36,8 +36,10 @@ def eager(*tensors: Optional[torch.Tensor]) -> bool:
 
 
 def pick(custom_op: Callable, impl: Callable, *tensors: Optional[torch.Tensor]) -> Callable:
-    """``impl`` in plain eager mode, else the custom op (backward formulas use this)."""
-    return impl if eager(*tensors) else custom_op
+    """For backward formulas: ``impl`` in plain eager mode, else the custom op. A
+    backward runs with grad mode on only under create_graph=True: then the custom op,
+    whose registered autograd raises a clear error for double backward, must run."""
+    return impl if eager(*tensors) and not torch.is_grad_enabled() else custom_op
 
 
 def needs_autograd(*tensors: Optional[torch.Tensor]) -> bool:

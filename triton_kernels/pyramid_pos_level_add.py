@@ -36,8 +36,9 @@ def _fwd_kernel(x_ptr, pos_ptr, lvl_ptr, meta_ptr, out_ptr,
     pid_t = tl.program_id(0)
     pid_c = tl.program_id(1)
     pid_b = tl.program_id(2)
-    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    # int64 indices: index x stride may pass 2^31 for large or strided tensors.
+    t = (pid_t * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+    c = (pid_c * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
     t_ok = t < n
     c_ok = c < C
     mask = t_ok[:, None] & c_ok[None, :]
@@ -58,7 +59,7 @@ def _fwd_kernel(x_ptr, pos_ptr, lvl_ptr, meta_ptr, out_ptr,
         pe = tl.where((k % 2 == 0)[None, :], tl.sin(angle), tl.cos(angle))
         emb += sincos_weight * pe
 
-    b0 = (pid_b * b_per_prog).to(tl.int64)  # int64: B * n * C may exceed 2^31
+    b0 = pid_b.to(tl.int64) * b_per_prog
     x_ptrs = x_ptr + b0 * sxb + t[:, None] * sxt + c[None, :] * sxc
     out_ptrs = out_ptr + b0 * n * C + t[:, None] * C + c[None, :]
     for _ in range(b0, tl.minimum(b0 + b_per_prog, B)):
@@ -76,21 +77,28 @@ def _bwd_rows_kernel(g_ptr, dpos_ptr, partial_ptr, chunks_ptr,
     pid_c = tl.program_id(1)
     r0 = tl.load(chunks_ptr + chunk * 3)
     r1 = tl.load(chunks_ptr + chunk * 3 + 1)
-    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    # int64 indices and row pointers advanced by their stride: the gradient's batch
+    # or row offsets may pass 2^31 elements.
+    c = (pid_c * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
     c_ok = c < C
-    bb = tl.arange(0, BLOCK_B)
+    bb = tl.arange(0, BLOCK_B).to(tl.int64)
     chunk_sum = tl.zeros([BLOCK_C], dtype=tl.float32)
-    g_rows = g_ptr + bb.to(tl.int64)[:, None] * sgb + c[None, :] * sgc
-    for r in range(r0, r1):
+    g_row = g_ptr + r0.to(tl.int64) * sgt + c[None, :] * sgc
+    dpos_row = dpos_ptr + r0.to(tl.int64) * sdp + c
+    for r in range(r0, r1):  # r, b0: counters only (the pointers advance)
         acc = tl.zeros([BLOCK_B, BLOCK_C], dtype=tl.float32)
+        b = bb
         for b0 in range(0, B, BLOCK_B):
-            m = ((b0 + bb) < B)[:, None] & c_ok[None, :]
-            acc += tl.load(g_rows + b0 * sgb + r * sgt, mask=m, other=0.0).to(tl.float32)
+            m = (b < B)[:, None] & c_ok[None, :]
+            acc += tl.load(g_row + b[:, None] * sgb, mask=m, other=0.0).to(tl.float32)
+            b += BLOCK_B
         row = tl.sum(acc, axis=0)
         if HAS_DPOS:
-            tl.store(dpos_ptr + r * sdp + c, (pos_weight * row).to(dpos_ptr.dtype.element_ty), mask=c_ok)
+            tl.store(dpos_row, (pos_weight * row).to(dpos_ptr.dtype.element_ty), mask=c_ok)
         chunk_sum += row
-    tl.store(partial_ptr + chunk * C + c, chunk_sum, mask=c_ok)
+        g_row += sgt
+        dpos_row += sdp
+    tl.store(partial_ptr + chunk.to(tl.int64) * C + c, chunk_sum, mask=c_ok)
 
 
 @triton.jit
@@ -101,8 +109,10 @@ def _bwd_levels_kernel(partial_ptr, offsets_ptr, dlvl_ptr, C, sdl, BLOCK_C: tl.c
     k0 = tl.load(offsets_ptr + s)
     k1 = tl.load(offsets_ptr + s + 1)
     acc = tl.zeros([BLOCK_C], dtype=tl.float32)
-    for k in range(k0, k1):
-        acc += tl.load(partial_ptr + k * C + c, mask=c_ok, other=0.0)
+    part = partial_ptr + k0.to(tl.int64) * C + c  # advanced by pointer: k * C may pass 2^31
+    for k in range(k0, k1):  # k: a counter only (the pointer advances)
+        acc += tl.load(part, mask=c_ok, other=0.0)
+        part += C
     tl.store(dlvl_ptr + s * sdl + c, acc.to(dlvl_ptr.dtype.element_ty), mask=c_ok)
 
 

@@ -146,8 +146,11 @@ def _fwd_kernel(x_ptr, w_ptr, bias_ptr, qs_ptr, coords_ptr, freqs_ptr,
     if section < 2:
         if L2NORM:
             acc3 = tl.reshape(acc, (BLOCK_M, HEADS, D))
-            rstd = 1.0 / tl.maximum(tl.sqrt(tl.sum(acc3 * acc3, axis=2)), 1e-12)
-            tl.store(rstd_ptr + (section * M + rm)[:, None] * H + heads[None, :], rstd, mask=row_ok[:, None])
+            norm = tl.sqrt(tl.sum(acc3 * acc3, axis=2))
+            # max(norm, eps) that keeps a NaN norm NaN, like eager's clamp_min
+            # (tl.maximum may return eps for a NaN).
+            rstd = 1.0 / tl.where(norm < 1e-12, 1e-12, norm)
+            tl.store(rstd_ptr + (section * M + rmc)[:, None] * H + heads[None, :], rstd, mask=row_ok[:, None])
             acc = tl.reshape(acc3 * rstd[:, :, None], (BLOCK_M, BLOCK_N))
         if HAS_QSCALE:
             s = tl.load(qs_ptr + head0 + hh)
@@ -201,7 +204,7 @@ def _bwd_kernel(dq_ptr, dk_ptr, dv_ptr, q_ptr, k_ptr, rstd_ptr, qs_ptr, coords_p
                 BLOCK_M: tl.constexpr):
     BLOCK_N: tl.constexpr = HEADS * D
     P: tl.constexpr = BLOCK_N // 2
-    pid_m = tl.program_id(0)
+    pid_m = tl.program_id(0).to(tl.int64)  # workspace rows x widths may pass 2^31
     pid_n = tl.program_id(1)
     C = H * D
     n0 = pid_n * BLOCK_N
@@ -214,7 +217,7 @@ def _bwd_kernel(dq_ptr, dk_ptr, dv_ptr, q_ptr, k_ptr, rstd_ptr, qs_ptr, coords_p
     bidx = rmc // L
     lidx = rmc % L
     c = tl.arange(0, BLOCK_N)  # natural column order for loads and stores
-    dim = c % D
+    dim = (c % D).to(tl.int64)
     head = (head0 + c // D).to(tl.int64)
     col = n0 + c
     heads = head0 + tl.arange(0, HEADS)
@@ -259,7 +262,10 @@ def _bwd_kernel(dq_ptr, dk_ptr, dv_ptr, q_ptr, k_ptr, rstd_ptr, qs_ptr, coords_p
                 y = tl.reshape(tl.join(y0 * cos + y1 * sin, y1 * cos - y0 * sin), (BLOCK_M, BLOCK_N))
             if HAS_QSCALE:
                 s = tl.where(section == 0, tl.load(qs_ptr + head), 1.0)[None, :]
-                y = y / s  # the value before the scale (q_scale must be nonzero)
+                # The value before the scale. Where the scale is 0 the output is 0
+                # and so is every gradient through it: divide by 1 instead of 0, which
+                # keeps dx and dW exact (d q_scale needs nonzero scales; ops/qkv_proj.py).
+                y = y / tl.where(s == 0.0, 1.0, s)
                 if NEED_DSCALE:
                     if section == 0:
                         gy = tl.sum(tl.reshape(g * y, (BLOCK_M, HEADS, D)), axis=2)

@@ -59,19 +59,22 @@ def _half(P, BLOCK_P: tl.constexpr, EVEN_P: tl.constexpr):
 
 @triton.jit
 def _load_pairs(base, sl, sd, offs_l, offs_p, l_ok, P, INTERLEAVED: tl.constexpr, EVEN_P: tl.constexpr):
+    # offs_l is int64 and the dim indices are widened too: index x stride may pass 2^31.
     BLOCK_L: tl.constexpr = offs_l.shape[0]
     BLOCK_P: tl.constexpr = offs_p.shape[0]
     if INTERLEAVED:
         # One (L, 2P) tile contiguous along D, split in registers into the pair halves.
         offs_d = tl.arange(0, 2 * BLOCK_P)
         m = _tile_mask(l_ok, 2 * P, 2 * BLOCK_P, EVEN_P)
-        x = tl.load(base + offs_l[:, None] * sl + offs_d[None, :] * sd, mask=m, other=0.0).to(tl.float32)
+        x = tl.load(base + offs_l[:, None] * sl + offs_d.to(tl.int64)[None, :] * sd, mask=m,
+                    other=0.0).to(tl.float32)
         x0, x1 = tl.split(tl.reshape(x, (BLOCK_L, BLOCK_P, 2)))
     else:
         m = _tile_mask(l_ok, P, BLOCK_P, EVEN_P)
-        off = offs_l[:, None] * sl + offs_p[None, :] * sd
-        x0 = tl.load(base + off, mask=m, other=0.0).to(tl.float32)
-        x1 = tl.load(base + off + _half(P, BLOCK_P, EVEN_P) * sd, mask=m, other=0.0).to(tl.float32)
+        row = offs_l[:, None] * sl
+        x0 = tl.load(base + row + offs_p.to(tl.int64)[None, :] * sd, mask=m, other=0.0).to(tl.float32)
+        x1 = tl.load(base + row + (offs_p + _half(P, BLOCK_P, EVEN_P)).to(tl.int64)[None, :] * sd, mask=m,
+                     other=0.0).to(tl.float32)
     return x0, x1
 
 
@@ -84,12 +87,12 @@ def _store_pairs(base, sl, sd, offs_l, offs_p, l_ok, P, y0, y1, INTERLEAVED: tl.
         offs_d = tl.arange(0, 2 * BLOCK_P)
         m = _tile_mask(l_ok, 2 * P, 2 * BLOCK_P, EVEN_P)
         y = tl.reshape(tl.join(y0, y1), (BLOCK_L, 2 * BLOCK_P))
-        tl.store(base + offs_l[:, None] * sl + offs_d[None, :] * sd, y.to(ty), mask=m)
+        tl.store(base + offs_l[:, None] * sl + offs_d.to(tl.int64)[None, :] * sd, y.to(ty), mask=m)
     else:
         m = _tile_mask(l_ok, P, BLOCK_P, EVEN_P)
-        off = offs_l[:, None] * sl + offs_p[None, :] * sd
-        tl.store(base + off, y0.to(ty), mask=m)
-        tl.store(base + off + _half(P, BLOCK_P, EVEN_P) * sd, y1.to(ty), mask=m)
+        row = offs_l[:, None] * sl
+        tl.store(base + row + offs_p.to(tl.int64)[None, :] * sd, y0.to(ty), mask=m)
+        tl.store(base + row + (offs_p + _half(P, BLOCK_P, EVEN_P)).to(tl.int64)[None, :] * sd, y1.to(ty), mask=m)
 
 
 @triton.jit
@@ -162,7 +165,8 @@ def _rope_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, qy_ptr, ky_ptr, c_ptr, f_ptr, par
     pid_l = tl.program_id(0)
     pid_b = tl.program_id(1)
     pid_h = tl.program_id(2)
-    offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    # int64 token indices: token x stride may pass 2^31 in large or strided tensors.
+    offs_l = (pid_l * BLOCK_L + tl.arange(0, BLOCK_L)).to(tl.int64)
     offs_p = tl.arange(0, BLOCK_P)
     l_ok = offs_l < L
     p_ok = offs_p < P

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import _checks
 from ..ops.qkv_proj import qkv_proj
 from ..reference.rope import PAIRINGS, axial_rope_freqs, normalize_scales, pyramid_coords
 
@@ -120,6 +121,8 @@ class FusedSelfAttention(nn.Module):
                  rope_final: Optional[Sequence] = None, rope_base: float = 10000.0, pairing: str = "interleaved",
                  backend: Optional[str] = None):
         super().__init__()
+        _checks.check_positive_int("embed_dim", embed_dim)
+        _checks.check_positive_int("num_heads", num_heads)
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim ({embed_dim}) must be a multiple of num_heads ({num_heads})")
         if pairing not in PAIRINGS:

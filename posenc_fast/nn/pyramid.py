@@ -8,6 +8,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from .. import _checks
 from ..ops.pyramid import pyramid_pos_level_add
 from ..reference.pyramid import Scale, normalize_scales, pyramid_length
 
@@ -39,6 +40,7 @@ class PyramidPosLevelEmbedding(nn.Module):
                  mix_alpha: float = 0.7, *, backend: Optional[str] = None,
                  device=None, dtype=None) -> None:
         super().__init__()
+        _checks.check_positive_int("embed_dim", embed_dim)
         if table not in TABLES:
             raise ValueError(f"table must be one of {TABLES}, got {table!r}")
         if not 0.0 <= mix_alpha <= 1.0:

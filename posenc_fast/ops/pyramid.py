@@ -161,6 +161,7 @@ def _backward(ctx, grad):
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
+_checks.refuse_double_backward(_bwd_op, OP)
 _Function = _fastpath.autograd_function(_forward, _setup_context, _backward, "PyramidPosLevelAdd")
 _PLANS = _fastpath.PlanCache()
 

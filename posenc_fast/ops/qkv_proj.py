@@ -15,9 +15,11 @@ Saved for backward: x, W, the per-(row, head) inverse norms and the outputs q an
 k themselves (the same tensors the attention that consumes them keeps; no
 copies). The pre-rotation, post-norm vectors are recovered as ``R^T q / q_scale``
 instead of recomputing the GEMM, which would cost 2/3 of a GEMM more and miss the
-<= 1.25x target; the price is that q_scale must be nonzero (VAR and Infinity use
-``exp(...)``) and that bf16/fp16 outputs round that recovered vector to the output
-precision, the same precision eager autocast code keeps for its backward.
+<= 1.25x target; the price is that d q_scale cannot be had where q_scale is 0
+(every backend raises then, see ``_validate``; the other gradients stay exact, and
+VAR and Infinity use ``exp(...)``) and that bf16/fp16 outputs round that recovered
+vector to the output precision, the same precision eager autocast code keeps for
+its backward.
 """
 
 from __future__ import annotations
@@ -185,6 +187,7 @@ def _backward(ctx, dq, dk, dv, _drstd):
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
+_checks.refuse_double_backward(_bwd_op, OP)
 _Function = _fastpath.autograd_function(_forward, _setup_context, _backward, "QkvProj")
 _PLANS = _fastpath.PlanCache()
 
@@ -207,6 +210,8 @@ def _validate(x, weight, bias, num_heads, qk_l2norm, q_scale, coords, freqs, pai
     device = _checks.check_same_device(x=x, weight=weight, bias=bias, q_scale=q_scale, coords=coords, freqs=freqs)
     B, L, C = x.shape
     H = num_heads
+    if C == 0:
+        raise ValueError(f"x must have at least one channel (C = x.shape[2] >= 1), got shape {tuple(x.shape)}")
     if C % H:
         raise ValueError(f"x has C = {C} channels, which num_heads = {H} does not divide")
     D = C // H
@@ -235,6 +240,18 @@ def _validate(x, weight, bias, num_heads, qk_l2norm, q_scale, coords, freqs, pai
         if A < 1:
             raise ValueError("coords must have at least one axis")
     return device
+
+
+def _call_checks(coords, q_scale) -> None:
+    """The checks that depend on more than the call signature (grad mode, values):
+    run on every call, after the cached ones."""
+    _checks.check_no_grad("coords", coords, "qkv_proj gives no gradient for coordinates (positions)")
+    if q_scale is not None and q_scale.requires_grad and torch.is_grad_enabled():
+        # d q_scale needs the normalised q, which the fused backward recovers from the
+        # output as q / q_scale: lost where q_scale is 0. Checked on the device (no
+        # host sync): on CUDA a failure is a device-side assert.
+        torch._assert_async((q_scale != 0).all(), "qkv_proj: q_scale requires grad and has a zero entry; "
+                            "d q_scale cannot be computed there (pass q_scale.detach() or nonzero scales)")
 
 
 def _check_dtypes(x_dtype: torch.dtype, weight, bias) -> None:
@@ -283,7 +300,9 @@ def qkv_proj(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
     cast like ``F.linear`` does and the outputs have the autocast dtype. Norm,
     scale and rotation run in fp32. fp32 GEMMs use TF32 only where
     ``torch.backends.cuda.matmul.allow_tf32`` lets ``F.linear`` use it. Gradients
-    flow to x, weight, bias, q_scale (must be nonzero) and freqs.
+    flow to x, weight, bias, q_scale and freqs, not to coords (ValueError when they
+    require grad). A q_scale that requires grad must be nonzero (RuntimeError; on
+    CUDA a device-side assert, which needs no host sync).
 
     Kernel limits: Triton needs a power-of-two head_dim in [16, 256]; CUDA an even
     head_dim <= 256 and at most 4 rope axes. ``auto`` takes the fastest backend
@@ -307,6 +326,7 @@ def qkv_proj(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
         return name, cast, device
 
     name, cast, device = _PLANS.get(key, plan)
+    _call_checks(coords, q_scale)
     if cast is not None:
         x, weight = x.to(cast), weight.to(cast)
         bias = None if bias is None else bias.to(cast)

@@ -178,6 +178,7 @@ def _backward(ctx, grad_q, grad_k):
 
 
 _rope_op.register_autograd(_backward, setup_context=_setup_context)
+_checks.refuse_double_backward(_rope_bwd_op, OP)
 _Function = _fastpath.autograd_function(_forward, _setup_context, _backward, "ApplyRope")
 _PLANS = _fastpath.PlanCache()
 
@@ -220,7 +221,7 @@ class _InplaceRope(torch.autograd.Function):
 
 # ---------------------------------------------------------------- public API
 
-def _validate(q, k, coords, freqs, pairing, backend_name=None):
+def _validate(q, k, coords, freqs, pairing):
     _checks.check_tensor("q", q, ndim=4)
     _checks.check_tensor("k", k, ndim=4, allow_none=True)
     _checks.check_float_tensor("coords", coords, ndim=(2, 3))
@@ -229,8 +230,8 @@ def _validate(q, k, coords, freqs, pairing, backend_name=None):
         raise ValueError(f"pairing must be one of {PAIRINGS}, got {pairing!r}")
     device = _checks.check_same_device(q=q, k=k, coords=coords, freqs=freqs)
     B, Hq, L, D = q.shape
-    if D % 2:
-        raise ValueError(f"the head dim (last dim of q) must be even to form rotation pairs, got {D}")
+    if D % 2 or D == 0:
+        raise ValueError(f"the head dim (last dim of q) must be even and positive to form rotation pairs, got {D}")
     if k is not None:
         if k.dtype != q.dtype:
             raise TypeError(f"k must have q's dtype {q.dtype}, got {k.dtype}")
@@ -263,8 +264,22 @@ def _check_fused(name, q, coords):
         raise ValueError(f"the cuda backend supports up to {MAX_CUDA_AXES} axes, coords has {coords.shape[-1]}")
 
 
-def _plan(q, k, coords, freqs, pairing, backend) -> str:
-    """The backend that runs this call, after the argument checks (cached per signature)."""
+def _call_checks(q, k, coords, inplace: bool) -> None:
+    """The checks that depend on more than the call signature (memory, grad mode):
+    run on every call, after the cached ones."""
+    if inplace and not torch.compiler.is_compiling():
+        # Each backend writes aliased elements in its own order (rotating some twice):
+        # refuse them like eager in-place ops do. (Traced tensors have no addresses;
+        # torch.compile functionalises the in-place op instead.)
+        _checks.check_writable("q", q)
+        _checks.check_writable("k", k)
+        _checks.check_disjoint("q", q, "k", k)
+    _checks.check_no_grad("coords", coords, "apply_rope gives no gradient for coordinates (positions)")
+
+
+def _plan(q, k, coords, freqs, pairing, backend, inplace: bool = False) -> str:
+    """The backend that runs this call, after the argument checks (those that depend
+    only on the call signature are cached per signature)."""
     requested = _backends.requested_backend(backend)
     try:
         key = (requested, _fastpath.tensor_key(q), _fastpath.tensor_key(k), _fastpath.tensor_key(coords),
@@ -278,7 +293,9 @@ def _plan(q, k, coords, freqs, pairing, backend) -> str:
             _check_fused(name, q, coords)
         return name
 
-    return _PLANS.get(key, build)
+    name = _PLANS.get(key, build)
+    _call_checks(q, k, coords, inplace)
+    return name
 
 
 def apply_rope(q: torch.Tensor, k: Optional[torch.Tensor], coords: torch.Tensor, freqs: torch.Tensor, *,
@@ -299,7 +316,8 @@ def apply_rope(q: torch.Tensor, k: Optional[torch.Tensor], coords: torch.Tensor,
         backend: None, "auto", "cuda", "triton" or "reference".
 
     Math in fp32 with autocast off; outputs in the input dtype. Gradients flow to q,
-    k and (when it requires grad) freqs; d freqs is a deterministic reduction.
+    k and (when it requires grad) freqs; d freqs is a deterministic reduction. coords
+    get none: ValueError when they require grad.
     """
     name = _plan(q, k, coords, freqs, pairing, backend)
     if name == "reference":
@@ -321,11 +339,13 @@ def apply_rope_(q: torch.Tensor, k: Optional[torch.Tensor], coords: torch.Tensor
 
     Safe for autograd: gradients are those of ``apply_rope``, and autograd's version
     counters raise if a tensor needed by the backward is overwritten afterwards.
-    Like any in-place op it is refused on leaves that require grad. Without autograd
+    Like any in-place op it is refused on leaves that require grad, and (ValueError)
+    when q or k has elements sharing memory or q and k share elements; disjoint
+    views of one buffer (q and k of a packed qkv tensor) are fine. Without autograd
     q and k are rotated in one launch; with it, in one launch each; with learnable
     freqs (requires_grad) out of place and copied back.
     """
-    name = _plan(q, k, coords, freqs, pairing, backend)
+    name = _plan(q, k, coords, freqs, pairing, backend, inplace=True)
     if name == "reference":
         # Clones: for fp32 the reference's .float() would alias what copy_ overwrites.
         q_out, k_out = ref.apply_rope(q.clone(), None if k is None else k.clone(), coords, freqs,
