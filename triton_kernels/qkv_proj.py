@@ -88,14 +88,14 @@ def _cos_sin(coords_ptr, c_off, sca, freqs_ptr, f_off, sfa, NUM_AXES: tl.constex
 @triton.jit
 def _fwd_kernel(x_ptr, w_ptr, bias_ptr, qs_ptr, coords_ptr, freqs_ptr,
                 q_ptr, k_ptr, v_ptr, rstd_ptr,
-                M, L, K, H, m_bucket,
+                M, L, K, H, m_class,
                 sxb, sxl, sxk, swn, swk, scb, scl, sca, sfh, sfa,
                 D: tl.constexpr, HEADS: tl.constexpr, NUM_AXES: tl.constexpr,
                 HAS_BIAS: tl.constexpr, HAS_QSCALE: tl.constexpr, L2NORM: tl.constexpr,
                 ROPE: tl.constexpr, HALF: tl.constexpr, IEEE: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
                 UPCAST_DOT: tl.constexpr = False):
-    # m_bucket (log2 of M) is only an autotuning key.
+    # m_class (0: M < LARGE_M, 1: larger) is only an autotuning key.
     BLOCK_N: tl.constexpr = HEADS * D
     P: tl.constexpr = BLOCK_N // 2
     # N-tiles fastest: consecutive programs share the x row block (read from DRAM
@@ -180,16 +180,43 @@ _fwd_heuristic = triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] ==
 # BLOCK_N is fixed per shape by the head tiling.
 _FWD_CONFIGS = [
     triton.Config({"BLOCK_M": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_K": 64}, num_warps=8, num_stages=4),
+    triton.Config({"BLOCK_M": 128, "BLOCK_K": 32}, num_warps=8, num_stages=4),
     triton.Config({"BLOCK_M": 128, "BLOCK_K": 64}, num_warps=4, num_stages=4),
     triton.Config({"BLOCK_M": 128, "BLOCK_K": 32}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 128, "BLOCK_K": 64}, num_warps=16, num_stages=3),  # D = 128 with rope
+    triton.Config({"BLOCK_M": 64, "BLOCK_K": 64}, num_warps=8, num_stages=4),
     triton.Config({"BLOCK_M": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
     triton.Config({"BLOCK_M": 64, "BLOCK_K": 32}, num_warps=4, num_stages=5),
     triton.Config({"BLOCK_M": 256, "BLOCK_K": 64}, num_warps=8, num_stages=3),
 ]
+# fp32 accumulator elements per thread that leave the epilogue room without spills
+# (tools/kernel_report.py checks every launched config with ptxas): the rotation
+# holds its cos/sin tiles and both pair halves beside the accumulator.
+ACC_PER_THREAD = {False: 64, True: 32}
+
+
+def _fits_registers(configs, named_args, **kwargs):
+    """Drops the configs whose tile would spill for this call's head tiling and epilogue."""
+    block_n = kwargs["HEADS"] * kwargs["D"]
+    budget = ACC_PER_THREAD[bool(kwargs["ROPE"])]
+    keep = [c for c in configs if c.kwargs["BLOCK_M"] * block_n // (32 * c.num_warps) <= budget]
+    return keep or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * block_n // (32 * c.num_warps))]
+
+
 _fwd_tuned = triton.autotune(
     configs=_FWD_CONFIGS,
-    key=["m_bucket", "K", "H", "D", "HEADS", "NUM_AXES", "L2NORM", "ROPE", "IEEE"],
+    # Not M itself: sampling calls with ever-new M, and each new key would tune again
+    # (device syncs, no CUDA-graph capture). Small M never gets here (qkv_proj_fwd).
+    key=["m_class", "K", "H", "D", "HEADS", "NUM_AXES", "L2NORM", "ROPE", "IEEE"],
+    prune_configs_by={"early_config_prune": _fits_registers},
 )(_fwd_heuristic)
+
+# Up to this many rows (sampling: 2B x n tokens of one scale) one fixed small-tile
+# config runs, with one head per tile for the most programs; from LARGE_M rows the
+# autotuner keys a second config family.
+SMALL_M = 1024
+LARGE_M = 8192
 
 
 @triton.jit
@@ -325,12 +352,13 @@ def qkv_proj_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     D = C // H
     _check_head_dim(D)
     M = B * L
-    HEADS = heads_per_tile(H, D)
+    small = M <= SMALL_M
+    HEADS = 1 if small else heads_per_tile(H, D)
     coords_t, freqs_t, (scb, scl, sca, sfh, sfa), A = _rope_args(coords, freqs, q)
     ieee = x.dtype == torch.float32 and not _tf32_allowed()
     args = (x, weight, q if bias is None else bias, q if q_scale is None else q_scale, coords_t, freqs_t,
             q, k, v, q if rstd is None else rstd,
-            M, L, C, H, max(M - 1, 1).bit_length(),
+            M, L, C, H, int(M >= LARGE_M),
             x.stride(0), x.stride(1), x.stride(2), weight.stride(0), weight.stride(1),
             scb, scl, sca, sfh, sfa)
     flags = dict(D=D, HEADS=HEADS, NUM_AXES=A, HAS_BIAS=bias is not None, HAS_QSCALE=q_scale is not None,
@@ -340,8 +368,13 @@ def qkv_proj_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     def grid(meta):
         return (cdiv(M, meta["BLOCK_M"]) * num_n,)
 
-    if _interpreting():
-        _fwd_heuristic[grid](*args, **flags, BLOCK_M=32, BLOCK_K=64, UPCAST_DOT=x.dtype == torch.bfloat16)
+    upcast = _interpreting() and x.dtype == torch.bfloat16
+    if small:
+        block_m = min(64, max(16, next_power_of_2(M)))
+        _fwd_heuristic[grid](*args, **flags, BLOCK_M=block_m, BLOCK_K=64, UPCAST_DOT=upcast, num_warps=4,
+                             num_stages=3)
+    elif _interpreting():
+        _fwd_heuristic[grid](*args, **flags, BLOCK_M=32, BLOCK_K=64, UPCAST_DOT=upcast)
     else:
         _fwd_tuned[grid](*args, **flags)
 
