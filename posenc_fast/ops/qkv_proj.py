@@ -276,6 +276,18 @@ def _backend_limits(D: int, coords: Optional[torch.Tensor]):
     return reason
 
 
+# The evidence until GPU measurements replace it (README, Performance): at training
+# sizes the fused Triton GEMM is predicted several times faster than cuBLAS plus the
+# CUDA epilogue pass (tools/kernel_report.py: bytes 2.5x the minimum, issue-bound
+# epilogue); at sampling sizes (few rows) host time decides, and the CUDA path's is
+# the lower (bench/host_overhead.py: no Triton launcher).
+_SAMPLING_ROWS = 1024
+
+
+def _auto_order(rows: int):
+    return ("cuda", "triton", "reference") if rows <= _SAMPLING_ROWS else ("triton", "cuda", "reference")
+
+
 def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
     if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
@@ -319,7 +331,8 @@ def qkv_proj(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
 
     def plan():
         device = _validate(x, weight, bias, num_heads, qk_l2norm, q_scale, coords, freqs, pairing)
-        name = _backends.resolve_backend(OP, requested, device, _backend_limits(x.shape[2] // num_heads, coords))
+        name = _backends.resolve_backend(OP, requested, device, _backend_limits(x.shape[2] // num_heads, coords),
+                                         _auto_order(x.shape[0] * x.shape[1]))
         cast = _autocast_dtype(device.type)
         dt = x.dtype if cast is None else cast
         _check_dtypes(dt, weight if cast is None else None, bias if cast is None else None)
