@@ -313,8 +313,10 @@ def _check_options(kind: str, opts: dict) -> None:
             raise ValueError(f"{name} applies to kind(s) {users}, not to kind {kind!r}")
 
 
-def _validate_common(kind, patch_nums, C, tables, gaussian, mask, num_prefix_tokens, opts):
-    """Checks that do not depend on x; returns (scales, table rows key)."""
+def _validate_common(kind, patch_nums, C, tables, gaussian, mask, num_prefix_tokens, opts,
+                     dtypes=_checks.FLOAT_DTYPES):
+    """Checks that do not depend on x; returns (scales, table rows key). ``dtypes``:
+    those of the learned tables (``pos_embed_table`` also takes float64)."""
     _check_kind(kind)
     scales = normalize_scales(patch_nums)
     _check_options(kind, opts)
@@ -331,7 +333,7 @@ def _validate_common(kind, patch_nums, C, tables, gaussian, mask, num_prefix_tok
     rows = ()
     if kind == "flexvar":
         grid = tables[0]
-        _checks.check_tensor("grid", grid, ndim=(3, 4))
+        _checks.check_tensor("grid", grid, ndim=(3, 4), dtypes=dtypes)
         if grid.dim() == 4 and grid.shape[0] != 1:
             raise ValueError(f"grid must be (1, C, Gh, Gw) or (C, Gh, Gw), got shape {tuple(grid.shape)}")
         if grid.shape[-3] != C:
@@ -342,7 +344,7 @@ def _validate_common(kind, patch_nums, C, tables, gaussian, mask, num_prefix_tok
     elif kind in ("navit", "pix2struct"):
         offset = 1 if kind == "pix2struct" else 0
         for name, t, need in zip(names, tables, (max(h for h, _ in scales), max(w for _, w in scales))):
-            _checks.check_tensor(name, t, ndim=2)
+            _checks.check_tensor(name, t, ndim=2, dtypes=dtypes)
             if t.shape[1] != C:
                 raise ValueError(f"{name} has {t.shape[1]} channels but x has C = {C}")
             if t.shape[0] == 0:
@@ -385,7 +387,8 @@ def pos_embed_table(kind: str, patch_nums: Sequence[Scale], embed_dim: int, *,
     Same arguments as ``pos_embed_add``, with ``embed_dim`` = C."""
     _checks.check_positive_int("embed_dim", embed_dim)
     opts = _opts(temperature, interleave, reverse_coord, normalize, scale, fractional)
-    _validate_common(kind, patch_nums, embed_dim, tables, gaussian, mask, num_prefix_tokens, opts)
+    _validate_common(kind, patch_nums, embed_dim, tables, gaussian, mask, num_prefix_tokens, opts,
+                     dtypes=_checks.FLOAT_DTYPES + (torch.float64,))
     return ref.pos_embed_table(kind, patch_nums, embed_dim, tables=tables, gaussian=gaussian, mask=mask,
                                num_prefix_tokens=num_prefix_tokens, dtype=dtype, device=device, **opts)
 
