@@ -420,6 +420,32 @@ def _table_2d(kind: str, tables: Sequence[torch.Tensor]) -> Optional[torch.Tenso
     return torch.cat(tuple(tables), dim=0) if tables else None  # cat promotes mixed dtypes
 
 
+def _static_inputs(kind: str, scales, rows, prefix: int, opts: dict, has_mask: bool, C: int,
+                   device: torch.device):
+    """The cached kernel inputs of a signature: (row maps, coordinates, descriptors),
+    each None where the kind has none or where it depends on the call's tensors."""
+    maps = coords = desc = None
+    if kind in ref.LEARNED_KINDS:
+        maps = _sparse_map(kind, scales, prefix, rows, opts["fractional"], device)
+    elif not has_mask:
+        coords = _fixed_coords(kind, scales, prefix, tuple(opts.items()), device)
+    if kind in ("mae", "timm", "sincos_pyramid", "sincos_1d", "detr"):
+        desc = _fixed_desc(kind, C, tuple(opts.items()), device)
+    return maps, coords, desc
+
+
+def _op_args(kind: str, x, tables, gaussian, mask, start: int, prefix: int, opts: dict, static, backend: str):
+    """The custom op's arguments: the static inputs plus those made from this call's tensors."""
+    maps, coords, desc = static
+    if kind == "sam":
+        desc = _sam_desc(gaussian)
+    elif mask is not None:
+        coords = _detr_mask_coords(mask, prefix, opts["normalize"], float(opts["scale"]))
+    angle_scale = _TWO_PI if kind == "sam" else 1.0
+    cptr, cidx, cw, tptr, ttok, tw = maps if maps is not None else (None,) * 6
+    return (x, _table_2d(kind, tables), cptr, cidx, cw, tptr, ttok, tw, coords, desc, start, angle_scale, backend)
+
+
 def pos_embed_add(x: torch.Tensor, kind: str, patch_nums: Sequence[Scale], *, start: int = 0,
                   tables: Sequence[torch.Tensor] = (), gaussian: Optional[torch.Tensor] = None,
                   mask: Optional[torch.Tensor] = None, num_prefix_tokens: int = 0,
@@ -461,30 +487,17 @@ def pos_embed_add(x: torch.Tensor, kind: str, patch_nums: Sequence[Scale], *, st
         device, scales, rows = _validate(x, kind, patch_nums, start, tables, gaussian, mask, num_prefix_tokens,
                                          opts)
         name = _backends.resolve_backend(OP, requested, device)
-        maps = coords = desc = None
-        if name != "reference":
-            if kind in ref.LEARNED_KINDS:
-                maps = _sparse_map(kind, scales, num_prefix_tokens, rows, fractional, device)
-            elif not (kind == "detr" and mask is not None):
-                coords = _fixed_coords(kind, scales, num_prefix_tokens, tuple(opts.items()), device)
-            if kind in ("mae", "timm", "sincos_pyramid", "sincos_1d", "detr"):
-                desc = _fixed_desc(kind, x.shape[2], tuple(opts.items()), device)
-        return name, scales, maps, coords, desc
+        static = None if name == "reference" else _static_inputs(kind, scales, rows, num_prefix_tokens, opts,
+                                                                  mask is not None, x.shape[2], device)
+        return name, scales, static
 
-    name, scales, maps, coords, desc = _PLANS.get(key, plan)
+    name, scales, static = _PLANS.get(key, plan)
     if name == "reference":
         return ref.pos_embed_add(x, kind, scales, start=start, tables=tuple(tables), gaussian=gaussian, mask=mask,
                                  num_prefix_tokens=num_prefix_tokens, **opts)
-    if kind == "sam":
-        desc = _sam_desc(gaussian)
-    elif mask is not None:
-        coords = _detr_mask_coords(mask, num_prefix_tokens, normalize, float(scale))
-    angle_scale = _TWO_PI if kind == "sam" else 1.0
-    table = _table_2d(kind, tables)
-    cptr, cidx, cw, tptr, ttok, tw = maps if maps is not None else (None,) * 6
-    args = (x, table, cptr, cidx, cw, tptr, ttok, tw, coords, desc, start, angle_scale, name)
-    if not _fastpath.eager(x, table):
+    args = _op_args(kind, x, tables, gaussian, mask, start, num_prefix_tokens, opts, static, name)
+    if not _fastpath.eager(x, args[1]):
         return _fwd_op(*args)
-    if _fastpath.needs_autograd(x, table):
+    if _fastpath.needs_autograd(x, args[1]):
         return _Function.apply(*args)
     return _forward(*args)
