@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
+from torch.fx.experimental.proxy_tensor import make_fx
 
 import posenc_fast as pf
 from posenc_fast.ops import pos_embed as P
@@ -263,7 +263,7 @@ def _check_forward(backend, kind, C, kw, dtype, start, prefix, strided, B=3):
 
 @pytest.mark.parametrize("backend", fast_backends())
 @pytest.mark.parametrize("kind,opts,C", FIXED_CASES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_fixed_fast_matches_reference(backend, kind, opts, C, dtype):
     _check_forward(backend, kind, C, opts, dtype, start=2, prefix=1, strided=dtype == torch.bfloat16)
 
@@ -366,6 +366,55 @@ def test_custom_op_traces(backend):
     want = torch.autograd.grad(pf.pos_embed_add(x, "flexvar", [1, 2], tables=(grid,), backend="reference").sum(),
                                [grid])[0]
     torch.testing.assert_close(gg, want)
+
+
+@pytest.mark.parametrize("backend", fast_backends())
+@pytest.mark.parametrize("grad", [False, True])
+def test_eager_calls_bypass_the_custom_op(backend, grad, monkeypatch):
+    grid = torch.randn(1, 6, 4, 4, device=DEVICE, requires_grad=grad)
+    x = torch.randn(2, 5, 6, device=DEVICE)
+    want = pf.pos_embed_add(x, "flexvar", [1, 2], tables=(grid,), backend="reference")
+
+    def boom(*a, **k):
+        raise AssertionError("the eager fast path went through the torch.library custom op")
+
+    monkeypatch.setattr(P, "_fwd_op", boom)
+    got = pf.pos_embed_add(x, "flexvar", [1, 2], tables=(grid,), backend=backend)
+    torch.testing.assert_close(got, want)
+    assert got.requires_grad == grad
+    if grad:
+        torch.testing.assert_close(torch.autograd.grad(got.square().sum(), grid)[0],
+                                   torch.autograd.grad(want.square().sum(), grid)[0])
+
+
+@pytest.mark.parametrize("backend", fast_backends())
+def test_tracing_sees_the_custom_op(backend):
+    x = torch.randn(2, 5, 8, device=DEVICE)
+    gm = make_fx(lambda a: pf.pos_embed_add(a, "mae", [1, 2], backend=backend))(x)
+    assert "posenc_fast.pos_embed_add.default" in {str(n.target) for n in gm.graph.nodes}
+    torch.testing.assert_close(gm(x), pf.pos_embed_add(x, "mae", [1, 2], backend="reference"))
+
+
+@pytest.mark.parametrize("backend", fast_backends())
+def test_double_backward_is_refused(backend):
+    grid = torch.randn(1, 4, 3, 3, device=DEVICE, requires_grad=True)
+    x = torch.randn(2, 5, 4, device=DEVICE)
+    out = pf.pos_embed_add(x, "flexvar", [1, 2], tables=(grid,), backend=backend)
+    (g,) = torch.autograd.grad(out.square().sum(), grid, create_graph=True)
+    with pytest.raises(RuntimeError, match="pos_embed_add .* does not support double backward"):
+        g.sum().backward()
+
+
+@pytest.mark.parametrize("backend", fast_backends())
+@pytest.mark.parametrize("B,n", [(0, 5), (2, 0)])
+def test_degenerate_sizes(backend, B, n):
+    grid = torch.randn(1, 4, 3, 3, device=DEVICE, requires_grad=True)
+    x = torch.randn(B, n, 4, device=DEVICE)
+    out = pf.pos_embed_add(x, "flexvar", [1, 2], start=5 - n, tables=(grid,), backend=backend)
+    assert out.shape == (B, n, 4)
+    (g,) = torch.autograd.grad(out, grid, torch.ones_like(out))
+    assert torch.equal(g, torch.zeros_like(grid))
+    assert pf.pos_embed_add(x, "sincos_pyramid", [1, 2], start=5 - n, backend=backend).shape == (B, n, 4)
 
 
 # ------------------------------------------------------------------ modules
