@@ -233,6 +233,17 @@ def test_factorized_reference_matches_definition(kind, fractional):
     torch.testing.assert_close(got, torch.stack(want), atol=1e-12, rtol=0)
 
 
+def test_fractional_indices_equal_the_float_formula():
+    """floor(r * max_len / h) in integers == the fp32 floor(r / h * max_len) that float
+    NaViT implementations compute, for the sides and table lengths in use."""
+    for max_len in (16, 32, 64):
+        table = torch.arange(max_len, dtype=torch.float32)[:, None]
+        for h in range(1, 65):
+            got = pf.pos_embed_table("navit", [(h, 1)], 1, tables=(table, torch.zeros(1, 1)), fractional=True)
+            want = (torch.arange(h, dtype=torch.float32) / h * max_len).floor()
+            assert torch.equal(got[:, 0], want), (max_len, h)
+
+
 def test_reference_add_window_and_gradcheck():
     x = torch.randn(2, 7, 6, dtype=torch.float64, requires_grad=True)
     grid = torch.randn(1, 6, 5, 4, dtype=torch.float64, requires_grad=True)

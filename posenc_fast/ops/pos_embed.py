@@ -44,7 +44,7 @@ _CHANNELS_MULTIPLE = {"mae": 4, "timm": 4, "detr": 4, "sincos_pyramid": 2, "sinc
 
 # ------------------------------------------------------------ kernel tables
 
-def _tokens(scales, prefix: int):
+def _tokens(scales):
     """Per non-prefix token: (row, col, h, w, flat index), int64 tensors on the CPU."""
     rs, cs, hs, ws = [], [], [], []
     for h, w in scales:
@@ -61,7 +61,7 @@ def _tokens(scales, prefix: int):
 def _fixed_coords(kind: str, scales, prefix: int, opts: Tuple, device: torch.device) -> torch.Tensor:
     """fp32 (P + L, 3): (y, x, weight) of every token; the kernels' coordinates."""
     o = dict(opts)
-    r, c, h, w, flat = _tokens(scales, prefix)
+    r, c, h, w, flat = _tokens(scales)
     f32 = torch.float32
     if kind == "timm" and o["reverse_coord"]:
         t = r * w + c
@@ -371,7 +371,7 @@ def _validate_common(kind, patch_nums, C, tables, gaussian, mask, num_prefix_tok
 
 
 def _opts(temperature, interleave, reverse_coord, normalize, scale, fractional) -> dict:
-    """The options as given (checked against their kinds), defaults included."""
+    """The kinds' options as one dict (``_check_options`` checks them against the kind)."""
     return dict(temperature=temperature, interleave=interleave, reverse_coord=reverse_coord, normalize=normalize,
                 scale=scale, fractional=fractional)
 

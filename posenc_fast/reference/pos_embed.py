@@ -36,7 +36,10 @@ Learned kinds (gradients flow to the tables):
 * ``flexvar`` -- FlexVAR: a grid (1, C, Gh, Gw) resized per scale with
   ``F.interpolate(mode="area")`` (adaptive average pooling) and added.
 * ``navit`` -- NaViT factorized: ``row[r] + col[c]`` with tables (max_h, C),
-  (max_w, C); ``fractional``: indices ``floor(r * max_h / h)``, ``floor(c * max_w / w)``.
+  (max_w, C); ``fractional`` (the NaViT paper's fractional coordinates r / h scaled
+  to the table): indices ``floor(r * max_h / h)``, ``floor(c * max_w / w)`` computed
+  exactly in integers, which equals the fp32 ``(r / h * max_len).floor()`` of float
+  implementations for every side up to 64 and max_len 16, 32, 64 (tested).
 * ``pix2struct`` -- Pix2Struct: ``row[r + 1] + col[c + 1]`` (1-based ids; 0 is the
   padding id of the image processor).
 
@@ -189,6 +192,8 @@ def pos_embed_table(kind: str, patch_nums: Sequence[Scale], embed_dim: int, *,
         pad = table.new_zeros(table.shape[0], num_prefix_tokens, embed_dim)
         return torch.cat([pad, table], dim=1).to(dtype or torch.float32)
     else:
+        if gaussian is not None and device is None:
+            device = gaussian.device
         parts, first = [], 0
         for h, w in scales:
             parts.append(_fixed_scale(kind, h, w, embed_dim, first, opts, gaussian, device))
