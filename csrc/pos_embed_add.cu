@@ -1,6 +1,6 @@
 // Additive position encodings of the wider family: CUDA kernels (see pos_embed_add.h).
 //
-// Forward: each thread builds the embedding of its (token, channel) once in fp32
+// Forward: each thread builds the embedding of its (token, channel vector) once in fp32
 // (the weighted learned rows of the token, plus the fixed sinusoid generated from
 // the token's coordinates and the channel's descriptor: no (L, C) table is read),
 // then streams it onto its share of the batch. With per-image coordinates (DETR's
@@ -39,29 +39,59 @@ __device__ __forceinline__ float fixed_value(const float* coords, const float* d
   return weight * (desc[3 * c + 2] != 0.f ? cosf(angle) : sinf(angle));
 }
 
-template <typename TX, typename TO>
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Pack {
+  T v[N];
+};
+
+// Each thread owns VEC consecutive channels of one token (VEC > 1: one 16-byte
+// load of x and one store of out per batch row).
+template <typename TX, typename TO, int VEC>
 __global__ void pos_embed_fwd_kernel(const PosEmbedFwdArgs a, int64_t batch_per_block) {
   const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
-  const int64_t c = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
-  if (t >= a.n || c >= a.C) return;
+  const int64_t c0 = (static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x) * VEC;
+  if (t >= a.n || c0 >= a.C) return;
   const int64_t g = a.start + t;
-  float emb = 0.f;
+  float emb[VEC];
+#pragma unroll
+  for (int v = 0; v < VEC; ++v) emb[v] = 0.f;
   if (a.table) {
-    for (int j = a.ptr[g]; j < a.ptr[g + 1]; ++j)
-      emb += a.w[j] * load_any(a.table, a.idx[j] * a.table_stride[0] + c * a.table_stride[1], a.table_dtype);
+    for (int j = a.ptr[g]; j < a.ptr[g + 1]; ++j) {
+      const int64_t row = a.idx[j] * a.table_stride[0];
+#pragma unroll
+      for (int v = 0; v < VEC; ++v)
+        emb[v] += a.w[j] * load_any(a.table, row + (c0 + v) * a.table_stride[1], a.table_dtype);
+    }
   }
   const bool per_image = a.coords && a.coords_image_stride != 0;
-  if (a.coords && !per_image) emb += fixed_value(a.coords, a.desc, g, c, a.angle_scale);
+  if (a.coords && !per_image) {
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) emb[v] += fixed_value(a.coords, a.desc, g, c0 + v, a.angle_scale);
+  }
 
   const TX* __restrict__ x = static_cast<const TX*>(a.x);
   TO* __restrict__ out = static_cast<TO*>(a.out);
   const int64_t b_begin = static_cast<int64_t>(blockIdx.z) * batch_per_block;
   const int64_t b_end = b_begin + batch_per_block < a.B ? b_begin + batch_per_block : a.B;
   for (int64_t b = b_begin; b < b_end; ++b) {
-    float e = emb;
-    if (per_image) e += fixed_value(a.coords + b * a.coords_image_stride, a.desc, g, c, a.angle_scale);
-    const float xv = to_float<TX>(x[b * a.x_stride[0] + t * a.x_stride[1] + c * a.x_stride[2]]);
-    out[(b * a.n + t) * a.C + c] = from_float<TO>(xv + e);
+    float e[VEC];
+#pragma unroll
+    for (int v = 0; v < VEC; ++v)
+      e[v] = emb[v] + (per_image ? fixed_value(a.coords + b * a.coords_image_stride, a.desc, g, c0 + v,
+                                               a.angle_scale)
+                                 : 0.f);
+    const int64_t xo = b * a.x_stride[0] + t * a.x_stride[1];
+    const int64_t oo = (b * a.n + t) * a.C + c0;
+    if constexpr (VEC > 1) {
+      // Host guarantees unit channel stride, C % VEC == 0 and aligned rows.
+      const Pack<TX, VEC> xv = *reinterpret_cast<const Pack<TX, VEC>*>(x + xo + c0);
+      Pack<TO, VEC> ov;
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) ov.v[v] = from_float<TO>(to_float<TX>(xv.v[v]) + e[v]);
+      *reinterpret_cast<Pack<TO, VEC>*>(out + oo) = ov;
+    } else {
+      out[oo] = from_float<TO>(to_float<TX>(x[xo + c0 * a.x_stride[2]]) + e[0]);
+    }
   }
 }
 
@@ -75,9 +105,18 @@ int num_sms(int device) {
 
 template <typename TX, typename TO>
 void launch_fwd(const PosEmbedFwdArgs& a, int device, cudaStream_t stream) {
-  const int bx = static_cast<int>(std::min<int64_t>(128, ((a.C + 31) / 32) * 32));
+  constexpr int kVec = 16 / sizeof(TX);
+  const auto aligned = [](const void* p, size_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; };
+  // The out pack is kVec elements of TO: 32 bytes for 16-bit x with fp32 out, so out
+  // needs that alignment too.
+  const bool vec = a.x_stride[2] == 1 && a.C % kVec == 0 && a.x_stride[0] % kVec == 0 &&
+                   a.x_stride[1] % kVec == 0 && aligned(a.x, alignof(Pack<TX, kVec>)) &&
+                   aligned(a.out, alignof(Pack<TO, kVec>));
+  const int vec_width = vec ? kVec : 1;
+  const int64_t lanes = (a.C + vec_width - 1) / vec_width;
+  const int bx = static_cast<int>(std::min<int64_t>(128, ((lanes + 31) / 32) * 32));
   const int by = std::max(1, 256 / bx);
-  const unsigned gx = ceil_div(a.n, by), gy = ceil_div(a.C, bx);
+  const unsigned gx = ceil_div(a.n, by), gy = ceil_div(lanes, bx);
   // Split the batch over grid.z until there are enough blocks to fill the GPU; each
   // block reuses its embedding for all of its batch rows.
   const int64_t want_blocks = 8LL * num_sms(device);
@@ -85,7 +124,11 @@ void launch_fwd(const PosEmbedFwdArgs& a, int device, cudaStream_t stream) {
   chunks = std::min<int64_t>(chunks, 65535);
   const int64_t per_block = (a.B + chunks - 1) / chunks;
   const dim3 grid(gx, gy, static_cast<unsigned>((a.B + per_block - 1) / per_block));
-  pos_embed_fwd_kernel<TX, TO><<<grid, dim3(bx, by), 0, stream>>>(a, per_block);
+  const dim3 block(bx, by);
+  if (vec)
+    pos_embed_fwd_kernel<TX, TO, kVec><<<grid, block, 0, stream>>>(a, per_block);
+  else
+    pos_embed_fwd_kernel<TX, TO, 1><<<grid, block, 0, stream>>>(a, per_block);
   check_last_launch("pos_embed_fwd_kernel");
 }
 

@@ -535,26 +535,34 @@ def test_qkv_proj(emu_qkv, case):
 
 # -------------------------------------------------------------- pos_embed
 
-# id: kind, options, x dtype, learned table shapes (dtype), C, scales, prefix, start, x layout, SMs
+# id: kind, options, x dtype, learned table shapes (dtype), C, scales, prefix, start, x layout, SMs,
+#     expected forward variant
 POS_EMBED_CASES = {
-    "mae-fp32-prefix": ("mae", {}, f32, None, 12, [1, 2, (2, 3)], 1, 2, "contig", 132),
+    "mae-fp32-prefix-vec": ("mae", {}, f32, None, 12, [1, 2, (2, 3)], 1, 2, "contig", 132, "VEC = 4"),
     "timm-bf16-interleave-reverse": ("timm", {"interleave": True, "reverse_coord": True}, bf16, None, 20,
-                                     [(3, 5)], 0, 1, "transposed", 1),
-    "sincos_pyramid-fp16-oddhalf": ("sincos_pyramid", {}, f16, None, 10, [1, 2, 3], 0, 0, "chstride", 132),
-    "sincos_1d-fp32": ("sincos_1d", {"interleave": True}, f32, None, 6, [2, 3], 2, 3, "contig", 1),
-    "detr-normalize-mask": ("detr", {"normalize": True, "mask": True}, f32, None, 8, [(3, 4)], 1, 0, "contig", 1),
-    "sam-fp32": ("sam", {"gaussian": True}, f32, None, 14, [1, (2, 3)], 0, 1, "contig", 132),
-    "flexvar-fp32-C150": ("flexvar", {}, f32, [((1, 150, 5, 6), f32)], 150, [1, 2, (3, 7)], 0, 2, "contig", 132),
+                                     [(3, 5)], 0, 1, "transposed", 1, "VEC = 1"),
+    "sincos_pyramid-fp16-oddhalf": ("sincos_pyramid", {}, f16, None, 10, [1, 2, 3], 0, 0, "chstride", 132,
+                                    "VEC = 1"),
+    "sincos_1d-fp32": ("sincos_1d", {"interleave": True}, f32, None, 6, [2, 3], 2, 3, "contig", 1, "VEC = 1"),
+    "detr-normalize-mask-vec": ("detr", {"normalize": True, "mask": True}, f32, None, 8, [(3, 4)], 1, 0, "wide", 1,
+                                "VEC = 4"),
+    "sam-bf16-vec": ("sam", {"gaussian": True}, bf16, None, 16, [1, (2, 3)], 0, 1, "contig", 132, "VEC = 8"),
+    "flexvar-fp32-C150": ("flexvar", {}, f32, [((1, 150, 5, 6), f32)], 150, [1, 2, (3, 7)], 0, 2, "contig", 132,
+                          "VEC = 1"),
+    "flexvar-bf16-vec-fp32grid": ("flexvar", {}, bf16, [((1, 24, 4, 4), f32)], 24, [1, 2, 5], 0, 1, "contig", 1,
+                                  "VEC = 8"),
     "navit-bf16-fractional": ("navit", {"fractional": True}, bf16, [((5, 12), bf16), ((3, 12), bf16)], 12,
-                              [1, 2, (2, 3)], 0, 1, "transposed", 1),
+                              [1, 2, (2, 3)], 0, 1, "transposed", 1, "VEC = 1"),
+    "navit-fp16-offset": ("navit", {}, f16, [((3, 16), f16), ((3, 16), f16)], 16, [1, (3, 3)], 0, 0, "offset", 132,
+                          "VEC = 1"),
     "pix2struct-fp16x-fp32tables": ("pix2struct", {}, f16, [((4, 33), f32), ((5, 33), f32)], 33,
-                                    [(3, 4)], 0, 0, "contig", 132),
+                                    [(3, 4)], 0, 0, "contig", 132, "VEC = 1"),
 }
 
 
 @pytest.mark.parametrize("case", list(POS_EMBED_CASES))
 def test_pos_embed(emu_pos_embed, case):
-    kind, opts, xdt, shapes, C, scales, prefix, start, layout, sms = POS_EMBED_CASES[case]
+    kind, opts, xdt, shapes, C, scales, prefix, start, layout, sms, variant = POS_EMBED_CASES[case]
     torch.manual_seed(len(case))
     emu_pos_embed.emu_set_num_sms(sms)  # 1 SM: the batch is split over grid.z
     sc = pyr_ref.normalize_scales(scales)
@@ -582,7 +590,7 @@ def test_pos_embed(emu_pos_embed, case):
                                        full, static, "cuda"))
 
     out = run()
-    _ran(emu_pos_embed, "pos_embed_fwd_kernel")
+    _ran(emu_pos_embed, variant)
     exp = pe_ref.pos_embed_add(x, kind, sc, start=start, tables=tables, num_prefix_tokens=prefix, **opts)
     assert out.dtype == exp.dtype
     _close(out, exp, FWD_TOL[out.dtype], "out")
