@@ -90,7 +90,6 @@ def _fixed_desc(kind: str, C: int, opts: Tuple, device: torch.device) -> torch.T
     o = dict(opts)
     T = float(o["temperature"])
     f64 = torch.float64
-    fy, fx, cos = (torch.zeros(C, dtype=f64) for _ in range(3))
     ch = torch.arange(C)
     if kind in ("mae", "timm"):
         q = C // 4
