@@ -428,6 +428,26 @@ def test_degenerate_sizes(backend, B, n):
     assert pf.pos_embed_add(x, "sincos_pyramid", [1, 2], start=5 - n, backend=backend).shape == (B, n, 4)
 
 
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_sampling_calls_dispatch_only_their_output_allocation(backend, monkeypatch):
+    """Host-overhead guard (launches stubbed, both backends on CPU): a fixed kind
+    allocates its output and launches; a learned one adds only the views of its table."""
+    pytest.importorskip("triton")
+    from launch_stubs import stubbed_device_work
+    from test_fast_path import _aten_ops
+
+    monkeypatch.setattr(pf._checks, "_POISON", False)
+    x = torch.randn(4, 14, 64)
+    grid = torch.randn(1, 64, 8, 8)
+    with torch.no_grad(), stubbed_device_work():
+        for kind in ("mae", "sincos_pyramid", "detr"):
+            ops = _aten_ops(lambda: pf.pos_embed_add(x, kind, [1, 2, 3], backend=backend))
+            assert ops == ["aten::empty_like"], (kind, ops)
+        ops = _aten_ops(lambda: pf.pos_embed_add(x, "flexvar", [1, 2, 3], tables=(grid,), backend=backend))
+        assert ops.count("aten::empty_like") == 1 and set(ops) <= {"aten::empty_like", "aten::reshape",
+                                                                   "aten::view", "aten::t"}, ops
+
+
 # ------------------------------------------------------------------ modules
 
 def test_modules_state_dict_layouts_load():

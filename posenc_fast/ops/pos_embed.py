@@ -488,15 +488,18 @@ def pos_embed_add(x: torch.Tensor, kind: str, patch_nums: Sequence[Scale], *, st
         name = _backends.resolve_backend(OP, requested, device)
         static = None if name == "reference" else _static_inputs(kind, scales, rows, num_prefix_tokens, opts,
                                                                   mask is not None, x.shape[2], device)
-        return name, scales, static
+        return name, scales, static, ref.output_dtype(x, tables)
 
-    name, scales, static = _PLANS.get(key, plan)
+    name, scales, static, out_dtype = _PLANS.get(key, plan)
     if name == "reference":
         return ref.pos_embed_add(x, kind, scales, start=start, tables=tuple(tables), gaussian=gaussian, mask=mask,
                                  num_prefix_tokens=num_prefix_tokens, **opts)
     args = _op_args(kind, x, tables, gaussian, mask, start, num_prefix_tokens, opts, static, name)
-    if not _fastpath.eager(x, args[1]):
+    _, table, cptr, cidx, cw, _, _, _, coords, desc, _, angle_scale, _ = args
+    if not _fastpath.eager(x, table):
         return _fwd_op(*args)
-    if _fastpath.needs_autograd(x, args[1]):
+    if _fastpath.needs_autograd(x, table):
         return _Function.apply(*args)
-    return _forward(*args)
+    out = _checks.empty_like(x, dtype=out_dtype)  # the plan's dtype: no promotion on the host per call
+    _launch_fwd(x, table, cptr, cidx, cw, coords, desc, out, start, angle_scale, name)
+    return out
