@@ -448,6 +448,68 @@ def test_sampling_calls_dispatch_only_their_output_allocation(backend, monkeypat
                                                                    "aten::view", "aten::t"}, ops
 
 
+@pytest.mark.parametrize("backend", fast_backends())
+@pytest.mark.parametrize("kind", ["flexvar", "navit", "sam", "detr-mask", "mae"])
+def test_torch_compile_fullgraph(backend, kind):
+    """The custom op traces without graph breaks, forward and backward."""
+    torch._dynamo.reset()
+    C = 8
+    x = torch.randn(2, 9, C, device=DEVICE, requires_grad=True)
+    leaves, kw = [x], {}
+    if kind == "flexvar":
+        kw["tables"] = (torch.randn(1, C, 4, 4, device=DEVICE, requires_grad=True),)
+    elif kind == "navit":
+        kw["tables"] = (torch.randn(3, C, device=DEVICE, requires_grad=True),
+                        torch.randn(3, C, device=DEVICE, requires_grad=True))
+    elif kind == "sam":
+        kw["gaussian"] = torch.randn(2, C // 2, device=DEVICE)
+    elif kind == "detr-mask":
+        kw["mask"] = torch.zeros(2, 3, 3, dtype=torch.bool, device=DEVICE)
+        kw["mask"][1, 2] = True
+        kw["normalize"] = True
+    leaves += list(kw.get("tables", ()))
+    pn = [3] if kind == "detr-mask" else [1, 2, 2]
+
+    def f(x, **kw):
+        return pf.pos_embed_add(x, kind.split("-")[0], pn, backend=backend, **kw) * 2.0
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    out = compiled(x, **kw)
+    want = f(x, **kw)
+    torch.testing.assert_close(out, want)
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, leaves, g), torch.autograd.grad(want, leaves, g)):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_flexvar_var_shape_inductor_and_graphs(backend):
+    from conftest import capture_and_replay
+
+    pn = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
+    x = torch.randn(8, 680, 1024, device="cuda", dtype=torch.bfloat16)
+    grid = torch.randn(1, 1024, 32, 32, device="cuda", requires_grad=True)
+    want = pf.pos_embed_add(x, "flexvar", pn, tables=(grid,), backend="reference")
+    torch._dynamo.reset()
+    f = torch.compile(lambda x, g: pf.pos_embed_add(x, "flexvar", pn, tables=(g,), backend=backend),
+                      fullgraph=True)
+    torch.testing.assert_close(f(x, grid), want, atol=1.6e-2, rtol=1.6e-2)
+    dy = torch.randn_like(want)
+
+    def step():
+        out = pf.pos_embed_add(x, "flexvar", pn, tables=(grid,), backend=backend)
+        return (out,) + torch.autograd.grad(out, grid, dy)
+
+    def refresh():
+        x.copy_(torch.randn_like(x))
+        dy.copy_(torch.randn_like(dy))
+
+    static, fresh = capture_and_replay(step, refresh)
+    for a, b in zip(static, fresh):
+        torch.testing.assert_close(a, b)
+
+
 # ------------------------------------------------------------------ modules
 
 def test_modules_state_dict_layouts_load():
