@@ -369,9 +369,22 @@ def _kernel_inputs(q, coords, freqs, cos, sin):
     return _fp32(coords), _fp32(freqs)
 
 
+def _rotary_split(q, k, rotary_dim) -> bool:
+    """Whether only the first ``rotary_dim`` dims rotate (checked: even, in (0, D])."""
+    if rotary_dim is None:
+        return False
+    _checks.check_tensor("q", q, ndim=4)
+    D = q.shape[-1]
+    _checks.check_int("rotary_dim", rotary_dim, minimum=2)
+    if rotary_dim % 2 or rotary_dim > D:
+        raise ValueError(f"rotary_dim must be even and at most the head dim {D}, got {rotary_dim}")
+    return rotary_dim < D
+
+
 def apply_rope(q: torch.Tensor, k: Optional[torch.Tensor], coords: Optional[torch.Tensor] = None,
                freqs: Optional[torch.Tensor] = None, *, cos: Optional[torch.Tensor] = None,
                sin: Optional[torch.Tensor] = None, pairing: str = "interleaved",
+               rotary_dim: Optional[int] = None,
                backend: Optional[str] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Rotary position embedding of q and k (SPEC §2.3): returns new (q, k).
 
@@ -392,12 +405,22 @@ def apply_rope(q: torch.Tensor, k: Optional[torch.Tensor], coords: Optional[torc
             reference backends (the CUDA kernels take angles only).
         pairing: ``"interleaved"`` (dims 2j, 2j+1; Infinity) or ``"half"`` (dims j,
             j + D/2; NeoX / Qwen2-VL).
+        rotary_dim: partial rotary (flash-attn, TE, vLLM, GPT-NeoX ``rotary_pct``):
+            only dims [0, rotary_dim) rotate, as a head of that size (freqs and tables
+            then have rotary_dim / 2 pairs); the rest pass through. The rotated part
+            and the rest are joined with one copy (not fused into the kernel yet).
         backend: None, "auto", "cuda", "triton" or "reference".
 
     Math in fp32 with autocast off; outputs in the input dtype. Gradients flow to q,
     k and (when it requires grad) freqs; d freqs is a deterministic reduction. coords
     and tables get none: ValueError when they require grad.
     """
+    if _rotary_split(q, k, rotary_dim):
+        r = rotary_dim
+        qr, kr = apply_rope(q[..., :r], None if k is None else k[..., :r], coords, freqs, cos=cos, sin=sin,
+                            pairing=pairing, backend=backend)
+        return (torch.cat((qr, q[..., r:]), dim=-1),
+                None if k is None else torch.cat((kr, k[..., r:]), dim=-1))
     name = _plan(q, k, coords, freqs, cos, sin, pairing, backend)
     if name == "reference":
         if cos is not None:
@@ -417,6 +440,7 @@ def apply_rope(q: torch.Tensor, k: Optional[torch.Tensor], coords: Optional[torc
 def apply_rope_(q: torch.Tensor, k: Optional[torch.Tensor], coords: Optional[torch.Tensor] = None,
                 freqs: Optional[torch.Tensor] = None, *, cos: Optional[torch.Tensor] = None,
                 sin: Optional[torch.Tensor] = None, pairing: str = "interleaved",
+                rotary_dim: Optional[int] = None,
                 backend: Optional[str] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """In-place ``apply_rope``: rotates q and k in their own memory and returns them.
 
@@ -426,9 +450,15 @@ def apply_rope_(q: torch.Tensor, k: Optional[torch.Tensor], coords: Optional[tor
     when q or k has elements sharing memory or q and k share elements; disjoint
     views of one buffer (q and k of a packed qkv tensor) are fine. Without autograd
     q and k are rotated in one launch; with it, in one launch each; with learnable
-    freqs (requires_grad) out of place and copied back. ``cos``/``sin`` tables as in
-    ``apply_rope``.
+    freqs (requires_grad) out of place and copied back. ``cos``/``sin`` tables and
+    ``rotary_dim`` as in ``apply_rope`` (here the pass-through dims are not touched
+    at all: only the views of the rotated dims are written).
     """
+    if _rotary_split(q, k, rotary_dim):
+        r = rotary_dim
+        apply_rope_(q[..., :r], None if k is None else k[..., :r], coords, freqs, cos=cos, sin=sin,
+                    pairing=pairing, backend=backend)
+        return q, k
     name = _plan(q, k, coords, freqs, cos, sin, pairing, backend, inplace=True)
     if name == "reference":
         # Clones: for fp32 the reference's .float() would alias what copy_ overwrites.
