@@ -161,6 +161,12 @@ __global__ void __launch_bounds__(kThreads, DFREQS ? 2 : 4) rope_kernel(const Pa
       if (tok[i] < 0) continue;
 #pragma unroll
       for (int v = 0; v < VP; ++v) {
+        if (p.A == 0) {  // table mode: coords is the (2, B or 1, L, P) cos/sin table, cs[2] its plane stride
+          cs[i][v] = cb[tok[i] * p.cs[1] + j0 + v];
+          const float s = cb[p.cs[2] + tok[i] * p.cs[1] + j0 + v];
+          sn[i][v] = p.conjugate ? -s : s;
+          continue;
+        }
         // Round each product, then add in axis order: the reference's arithmetic.
         float ang = 0.f;
 #pragma unroll
@@ -319,7 +325,9 @@ size_t rope_workspace_floats(int B, int Hq, int Hk, int L, int D, int A, bool pe
 void rope_apply(const RopeArgs& args, int device, cudaStream_t stream) {
   POSENC_CHECK_ARG(args.B >= 0 && args.Hq >= 0 && args.Hk >= 0 && args.L >= 0, "rope: negative size");
   POSENC_CHECK_ARG(args.D % 2 == 0 && args.D >= 2 && args.D <= 512, "rope: head dim must be even, 2..512");
-  POSENC_CHECK_ARG(args.A >= 1 && args.A <= kMaxAxes, "rope: the cuda backend supports 1 to 4 axes");
+  POSENC_CHECK_ARG(args.A >= 0 && args.A <= kMaxAxes, "rope: the cuda backend supports 1 to 4 axes (0: a table)");
+  POSENC_CHECK_ARG(args.A > 0 || (!args.per_head && args.dfreqs == nullptr),
+                   "rope: a cos/sin table (A = 0) has no per-head freqs and no d freqs");
   POSENC_CHECK_ARG(!args.per_head || args.Hk == 0 || args.Hk == args.Hq,
                    "rope: per-head freqs need as many k heads as q heads");
   const bool dfreqs = args.dfreqs != nullptr;

@@ -456,6 +456,41 @@ def test_rope(emu_rope, case):
         assert torch.equal(k2, ko)
 
 
+@pytest.mark.parametrize("dtype,inter,B,Hq,Hk,L,D,batch_table,layout,variant", [
+    (f32, True, 2, 2, 2, 20, 64, False, "BHLD", "VEC = true"),
+    (bf16, False, 3, 2, 1, 9, 32, True, "BLHD", "VEC = true"),
+    (f16, True, 1, 2, 0, 11, 24, False, "Dstride", "VEC = false"),
+])
+def test_rope_table(emu_rope, dtype, inter, B, Hq, Hk, L, D, batch_table, layout, variant):
+    """Table-defined rotation (A = 0: the kernel reads cos/sin instead of computing
+    angles), forward, the conjugate-rotation backward and in place."""
+    torch.manual_seed(D + L)
+    pairing = "interleaved" if inter else "half"
+    q = _rope_qk(B, Hq, L, D, dtype, layout).requires_grad_()
+    k = _rope_qk(B, Hk, L, D, dtype, layout).requires_grad_() if Hk else None
+    shape = (B, L, D // 2) if batch_table else (L, D // 2)
+    ang = torch.randn(shape) * 4
+    cos, sin = ang.cos() * 0.9, ang.sin() * 1.1  # resampled tables are not rotations
+    table, no_axes = R._kernel_inputs(q, None, None, cos, sin)  # what apply_rope hands the kernels
+    qo, ko = R._rope_op(q, k, table, no_axes, inter, False, "cuda")
+    ko = ko if k is not None else None
+    _ran(emu_rope, variant)
+    eq, ek = rope_ref.apply_rope_table(q, k, cos, sin, pairing=pairing)
+    _close(qo, eq, FWD_TOL[dtype], "q")
+    if k is not None:
+        _close(ko, ek, FWD_TOL[dtype], "k")
+    outs = [qo] + ([ko] if k is not None else [])
+    grads = [torch.randn_like(t) for t in outs]
+    leaves = [q] + ([k] if k is not None else [])
+    got = torch.autograd.grad(outs, leaves, grads)
+    exp = torch.autograd.grad([t for t in (eq, ek) if t is not None], leaves, grads)
+    for name, a, e in zip(("dq", "dk"), got, exp):
+        _close(a, e, FWD_TOL[dtype] * 2, name)
+    q2, k2 = q.detach().clone(), (k.detach().clone() if k is not None else None)
+    R._rope_inplace_op(q2, k2, table, no_axes, inter, False, "cuda")
+    assert torch.equal(q2, qo) and (k is None or torch.equal(k2, ko))
+
+
 # --------------------------------------------------------------- qkv_proj
 
 # id: B, L, H, D, dtype, bias, l2 norm, q_scale, coords kind (None: no rope), axes, half pairing,

@@ -1,7 +1,7 @@
 """Table-defined rotations: apply_rope / apply_rope_ with per-token cos and sin tables
 instead of coords x freqs (Infinity's mode-1 tables, flash-attn / HF / vLLM-style
 caches). Reference against float64 math; Triton against the reference forward and
-backward; errors; the CUDA backend's limit (angles only)."""
+backward (the CUDA kernels under host emulation: tests/test_cuda_emulation.py); errors."""
 
 import pytest
 import torch
@@ -10,7 +10,7 @@ import posenc_fast as pf
 from posenc_fast.reference import rope as ref
 from conftest import DEVICE, DTYPE_TOLERANCES, fast_backends
 
-TABLE_BACKENDS = [b for b in fast_backends() if b != "cuda"]
+TABLE_BACKENDS = fast_backends()
 needs_fast = pytest.mark.skipif(not TABLE_BACKENDS, reason="no fast backend with tables runs here")
 
 
@@ -140,18 +140,3 @@ def test_tables_get_no_gradient_in_every_backend():
             pf.apply_rope(q, k, cos=cos.clone().requires_grad_(), sin=sin, backend=backend)
     with torch.no_grad():
         pf.apply_rope(q, k, cos=cos.clone().requires_grad_(), sin=sin)  # nothing to differentiate
-
-
-def test_cuda_backend_takes_angles_only(monkeypatch):
-    """auto skips the CUDA kernels for a table (they compute angles in-kernel); naming
-    them raises with the reason."""
-    from posenc_fast import _backends
-    from posenc_fast.ops.rope import _limits
-
-    monkeypatch.setattr(_backends, "unavailable_reason", lambda name, device=None: None)
-    cuda = torch.device("cuda")
-    q = torch.empty(1, 1, 4, 8)
-    assert _backends.resolve_backend("apply_rope", "auto", cuda, _limits(q, torch.empty(4, 4), True)) == "triton"
-    assert _backends.resolve_backend("apply_rope", "auto", cuda, _limits(q, torch.empty(4, 2), False)) == "cuda"
-    with pytest.raises(ValueError, match="no table-defined"):
-        _backends.resolve_backend("apply_rope", "cuda", cuda, _limits(q, torch.empty(4, 4), True))

@@ -14,8 +14,7 @@ scale_ind=0)`` and behaviour:
   Infinity does (rows ``[start, start + L)`` of the schedule's table, the pairs of
   dims (2j, 2j + 1), fp32 with autocast off), so all three ``rope2d_normalized_by_hw``
   modes work, mode 1's interpolated tables included: ``apply_rope`` with ``cos``/``sin``
-  tables, q and k in one launch (the CUDA backend takes angles only: ``auto`` uses
-  Triton for it). A customised-flash build keeps Infinity's own eager rotation, whose
+  tables, q and k in one launch. A customised-flash build keeps Infinity's own eager rotation, whose
   (B, L, H, D) layout makes it index the table by head;
 * the KV cache, the block-wise mask (an additive bias for SDPA, or the module's own
   ``flash_attn_func`` with ``VAR_visible_kvlen`` / ``VAR_invisible_qlen`` for a

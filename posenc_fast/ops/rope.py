@@ -311,9 +311,7 @@ def _limits(q, coords, table: bool):
             return None
         if D > MAX_FUSED_HEAD_DIM:
             return f"the {name} backend supports head dims up to {MAX_FUSED_HEAD_DIM}, got {D}"
-        if name == "cuda" and table:
-            return "the cuda backend has no table-defined (cos/sin) rotation yet; use triton or reference"
-        if name == "cuda" and coords.shape[-1] > MAX_CUDA_AXES:
+        if name == "cuda" and not table and coords.shape[-1] > MAX_CUDA_AXES:
             return f"the cuda backend supports up to {MAX_CUDA_AXES} axes, coords has {coords.shape[-1]}"
         return None
     return reason
@@ -401,8 +399,7 @@ def apply_rope(q: torch.Tensor, k: Optional[torch.Tensor], coords: Optional[torc
             ``(x0 cos - x1 sin, x0 sin + x1 cos)``. For Infinity's mode-1 tables
             (resampled, so cos^2 + sin^2 != 1) and flash-attn / HF / vLLM-style caches.
             A 16-bit table has already rounded its values (about 3 significant digits
-            in bf16: angle errors up to ~4e-3 rad): keep tables in fp32. Triton and
-            reference backends (the CUDA kernels take angles only).
+            in bf16: angle errors up to ~4e-3 rad): keep tables in fp32.
         pairing: ``"interleaved"`` (dims 2j, 2j+1; Infinity) or ``"half"`` (dims j,
             j + D/2; NeoX / Qwen2-VL).
         rotary_dim: partial rotary (flash-attn, TE, vLLM, GPT-NeoX ``rotary_pct``):

@@ -3,6 +3,9 @@
 // angle[b, h, l, j] = sum_a coords[b, l, a] * freqs[h, a, j]   (fp32, sincosf)
 // pair j of a head: dims (2j, 2j+1) ("interleaved") or (j, j + D/2) ("half");
 // (x0, x1) -> (x0 cos - x1 sin, x0 sin + x1 cos), negated angle when `conjugate`.
+// With A = 0 (a table-defined rotation), `coords` is a (2, B or 1, L, P) fp32 table
+// of cos (plane 0) and sin (plane 1), coord_stride = (batch, token, plane) with unit
+// pair stride; freqs, per_head and d freqs do not apply.
 #pragma once
 
 #include <cstddef>
