@@ -13,7 +13,9 @@ column order; for ``half`` pairing the tile loads the weight rows in the permute
 order (j, j + D/2, j + 1, ...) -- which only changes which rows the W loads
 gather, each row staying a contiguous run along K -- and one register permute
 restores the natural order before the store, so every head row is stored as a
-contiguous run. Chosen over two accumulators (twice the epilogue's live
+contiguous run. The outputs may be any (B, H, L, D) views with contiguous head
+rows: with a KV cache, k and v are the caches and their rows start at
+``kv_start`` (the append happens in the store, no copy afterwards). Chosen over two accumulators (twice the epilogue's live
 registers) without GPU measurements: the simpler of the two options the issue
 names; ``half`` vs ``interleaved`` timings in bench/ tell whether the permute costs.
 
@@ -88,8 +90,9 @@ def _cos_sin(coords_ptr, c_off, sca, freqs_ptr, f_off, sfa, NUM_AXES: tl.constex
 @triton.jit
 def _fwd_kernel(x_ptr, w_ptr, bias_ptr, qs_ptr, coords_ptr, freqs_ptr,
                 q_ptr, k_ptr, v_ptr, rstd_ptr,
-                M, L, K, H, m_bucket,
+                M, L, K, H, m_bucket, kv_start,
                 sxb, sxl, sxk, swn, swk, scb, scl, sca, sfh, sfa,
+                sqb, sqh, sql, skb, skh, skl, svb, svh, svl,
                 D: tl.constexpr, HEADS: tl.constexpr, NUM_AXES: tl.constexpr,
                 HAS_BIAS: tl.constexpr, HAS_QSCALE: tl.constexpr, L2NORM: tl.constexpr,
                 ROPE: tl.constexpr, HALF: tl.constexpr, IEEE: tl.constexpr,
@@ -164,13 +167,16 @@ def _fwd_kernel(x_ptr, w_ptr, bias_ptr, qs_ptr, coords_ptr, freqs_ptr,
 
     # Natural column order for the store, so that each head row is a contiguous run.
     c = tl.arange(0, BLOCK_N)
-    off = ((bidx * H * L + lidx) * D)[:, None] + ((head0 + c // D).to(tl.int64) * L * D + c % D)[None, :]
+    head = (head0 + c // D).to(tl.int64)
     out = _from_pairs(acc, BLOCK_M, HEADS, D, HALF).to(q_ptr.dtype.element_ty)
     if section == 0:
+        off = (bidx * sqb + lidx * sql)[:, None] + (head * sqh + c % D)[None, :]
         tl.store(q_ptr + off, out, mask=row_ok[:, None])
     elif section == 1:
+        off = (bidx * skb + (lidx + kv_start) * skl)[:, None] + (head * skh + c % D)[None, :]
         tl.store(k_ptr + off, out, mask=row_ok[:, None])
     else:
+        off = (bidx * svb + (lidx + kv_start) * svl)[:, None] + (head * svh + c % D)[None, :]
         tl.store(v_ptr + off, out, mask=row_ok[:, None])
 
 
@@ -315,10 +321,11 @@ def _tf32_allowed() -> bool:
 def qkv_proj_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                  q_scale: Optional[torch.Tensor], coords: Optional[torch.Tensor], freqs: Optional[torch.Tensor],
                  q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rstd: Optional[torch.Tensor], *,
-                 num_heads: int, half_pairing: bool) -> None:
-    """Writes q, k, v (contiguous (B, H, L, D)) and, when ``rstd`` (2, M, H) fp32 is
-    given, the inverse norms (l2 norm on). x (B, L, C) any strides; weight (3C, C)
-    any strides; bias (3C,) contiguous; q_scale (H,) fp32; coords (L, A) or
+                 num_heads: int, half_pairing: bool, kv_start: int = 0) -> None:
+    """Writes q (B, H, L, D) and the rows [kv_start, kv_start + L) of k and v
+    (B, H, >= kv_start + L, D) (all three: any strides, head rows contiguous) and,
+    when ``rstd`` (2, M, H) fp32 is given, the inverse norms (l2 norm on).
+    x (B, L, C) any strides; weight (3C, C) any strides; bias (3C,) contiguous; q_scale (H,) fp32; coords (L, A) or
     (B, L, A) fp32; freqs (A, D/2) or (H, A, D/2) fp32, last dim contiguous."""
     B, L, C = x.shape
     H = num_heads
@@ -330,9 +337,9 @@ def qkv_proj_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     ieee = x.dtype == torch.float32 and not _tf32_allowed()
     args = (x, weight, q if bias is None else bias, q if q_scale is None else q_scale, coords_t, freqs_t,
             q, k, v, q if rstd is None else rstd,
-            M, L, C, H, max(M - 1, 1).bit_length(),
+            M, L, C, H, max(M - 1, 1).bit_length(), kv_start,
             x.stride(0), x.stride(1), x.stride(2), weight.stride(0), weight.stride(1),
-            scb, scl, sca, sfh, sfa)
+            scb, scl, sca, sfh, sfa, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3])
     flags = dict(D=D, HEADS=HEADS, NUM_AXES=A, HAS_BIAS=bias is not None, HAS_QSCALE=q_scale is not None,
                  L2NORM=rstd is not None, ROPE=coords is not None, HALF=bool(half_pairing), IEEE=ieee)
     num_n = 3 * H // HEADS
