@@ -334,7 +334,8 @@ def _cache_call_checks(kv_cache, x, weight, bias, q_scale, freqs) -> None:
             raise RuntimeError(f"qkv_proj with kv_cache is for sampling and has no backward, but {', '.join(needs)} "
                                f"require grad: call it under torch.no_grad() (or inference_mode), or pass "
                                f"kv_cache=None and concatenate the caches yourself to train through them")
-    _checks.check_disjoint("kv_cache k_cache", kv_cache[0], "kv_cache v_cache", kv_cache[1])
+    if _fastpath.eager(*kv_cache):  # traced tensors have no addresses
+        _checks.check_disjoint("kv_cache k_cache", kv_cache[0], "kv_cache v_cache", kv_cache[1])
 
 
 def _call_checks(coords, q_scale) -> None:
