@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import DEVICE, fast_backends
-from posenc_fast.nn.attention import FusedSelfAttention, block_causal_bias
+from posenc_fast.nn.attention import KV_CACHE, FusedSelfAttention, block_causal_bias
 from var_model import SelfAttention, build_var_shaped, infinity_rope_cache, infinity_style_attention
 
 BACKENDS = ["reference"] + fast_backends()  # the backend tests run on DEVICE: CUDA when there is one
@@ -93,7 +93,7 @@ def test_kv_cache_equals_block_causal_mask(backend, rope):
                    seed=1, scale_mul=[0.5, 3.0, 5.0]).to(DEVICE).eval()
     x = torch.randn(4, L, C, device=DEVICE)  # a CFG-doubled batch is just a batch here
     full = m(x, block_causal_bias(PATCH_NUMS, device=DEVICE))
-    m.kv_caching(True)
+    m.kv_caching(True, max_len=None if rope else L)
     parts, begin = [], 0
     with torch.no_grad():
         for pn in PATCH_NUMS:
@@ -103,6 +103,42 @@ def test_kv_cache_equals_block_causal_mask(backend, rope):
     assert rel_err(torch.cat(parts, dim=1), full) <= 1e-5
     m.kv_caching(False)
     assert m.cached_k is None and m.cached_v is None and not m.caching
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kv_cache_is_one_buffer_pair_per_run(backend):
+    """The cache is allocated at the first scale from its batch (L_max = max_len, or
+    the tokens of rope_scales), appended to in place, kept across runs of the same
+    batch (kv_caching(True) rewinds it), reallocated for another batch, freed by
+    kv_caching(False)."""
+    C, H = 128, 2  # D = 64
+    m = randomize_(FusedSelfAttention(C, H, rope=True, rope_scales=PATCH_NUMS, backend=backend), seed=3)
+    m = m.to(DEVICE).eval()
+
+    def run(B):
+        m.kv_caching(True)
+        x = torch.randn(B, L, C, device=DEVICE)
+        buffers = []
+        with torch.no_grad():
+            begin = 0
+            for pn in PATCH_NUMS:
+                m(x[:, begin:begin + pn * pn])
+                begin += pn * pn
+                buffers.append(m.__dict__[KV_CACHE])
+                assert m.cached_k.data_ptr() == buffers[-1][0].data_ptr() and m.cached_k.shape[2] == begin
+        assert all(b is buffers[0] for b in buffers)
+        assert buffers[0][0].shape == (B, H, L, C // H)
+        return buffers[0]
+
+    first = run(3)
+    assert run(3) is first
+    assert run(1) is not first
+    m.kv_caching(False)
+    assert KV_CACHE not in m.__dict__
+    with pytest.raises(ValueError, match="needs max_len"):
+        FusedSelfAttention(C, H).kv_caching(True)
+    with pytest.raises(ValueError, match="max_len must be >= 1"):
+        m.kv_caching(True, max_len=0)
 
 
 def test_explicit_coords_override_the_table():
