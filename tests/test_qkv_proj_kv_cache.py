@@ -224,3 +224,30 @@ def test_the_fast_path_skips_the_custom_op(monkeypatch):
         got = pf.qkv_proj(x, w, b, kv_cache=(kc, vc), backend=backend, **kw)
     for g_, w_ in zip(got, want):
         assert torch.equal(g_, w_)
+
+
+def test_the_benchmark_counts_the_cat_copies_exactly():
+    """bench/kv_cache.py's counter on a tiny pyramid: the cat path reads the old cache
+    and the new rows and writes the new cache, for k and v, at every scale after the
+    first; the fused path copies nothing and peaks lower."""
+    pytest.importorskip("triton")
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import kv_cache as bench
+    from launch_stubs import stubbed_device_work
+
+    C, H, rows, depth = 64, 2, 3, 2
+    ends = [sum(p * p for p in PN[:i + 1]) for i in range(len(PN))]
+    layers = [bench.FusedSelfAttention(C, H, backend="triton").to(torch.bfloat16).eval() for _ in range(depth)]
+    xs = [torch.randn(rows, p * p, C, dtype=torch.bfloat16) for p in PN]
+    with torch.no_grad(), stubbed_device_work():
+        cat = bench.count(layers, xs, L, "cat")
+        fused = bench.count(layers, xs, L, "fused")
+    row_bytes = rows * C * 2  # one token of k (or v) over all heads, bf16
+    want = depth * 2 * sum(2 * e for e in ends[1:]) * row_bytes  # read (old + new) + write (old + new)
+    assert cat["copied_bytes"] == want
+    assert fused["copied_bytes"] == 0
+    assert fused["peak_bytes"] < cat["peak_bytes"]
+    assert fused["peak_bytes"] >= depth * 2 * L * row_bytes  # the caches themselves

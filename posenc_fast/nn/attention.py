@@ -98,6 +98,27 @@ def reset_kv_cache(attn: nn.Module, enable: bool) -> None:
         attn.__dict__.pop(KV_CACHE, None)
 
 
+def attention_qkv(attn: nn.Module, x: torch.Tensor, *, coords: Optional[torch.Tensor] = None,
+                  freqs: Optional[torch.Tensor] = None, pairing: str = "interleaved",
+                  backend: Optional[str] = None):
+    """q, k, v (B, H, *, D) of a module with VAR's ``SelfAttention`` attributes. While
+    caching, ``qkv_proj`` writes this scale's k, v into the module's (B, H, L_max, D)
+    buffers (``attn.__dict__[KV_LEN]`` gives L_max) and k, v are the views of the rows
+    so far, kept as ``cached_k`` / ``cached_v``. Caching has no backward: sample under
+    ``torch.no_grad()``."""
+    q_scale, bias = _projection_params(attn)
+    kv, start = None, 0
+    if attn.caching:
+        start = 0 if attn.cached_k is None else attn.cached_k.shape[2]
+        kv = _kv_buffers(attn, x, start)
+    q, k, v = qkv_proj(x, attn.mat_qkv.weight, bias, num_heads=attn.num_heads, qk_l2norm=attn.attn_l2_norm,
+                       q_scale=q_scale, coords=coords, freqs=freqs, pairing=pairing, kv_cache=kv,
+                       cache_start=start, backend=backend)
+    if attn.caching:
+        attn.cached_k, attn.cached_v = k, v
+    return q, k, v
+
+
 def self_attention_forward(attn: nn.Module, x: torch.Tensor, attn_bias: Optional[torch.Tensor], *,
                            coords: Optional[torch.Tensor] = None, freqs: Optional[torch.Tensor] = None,
                            pairing: str = "interleaved", backend: Optional[str] = None) -> torch.Tensor:
@@ -105,23 +126,10 @@ def self_attention_forward(attn: nn.Module, x: torch.Tensor, attn_bias: Optional
 
     x (B, L, C); attn_bias: the block-causal additive mask in training, None when the
     KV cache is on (a query scale then sees every cached key, which is the same mask).
-    The cache holds post-norm (and rotated) k and raw v: ``qkv_proj`` writes this
-    scale's rows into the module's (B, H, L_max, D) buffers (``attn.__dict__[KV_LEN]``
-    gives L_max); ``cached_k`` / ``cached_v`` are the views of the rows so far.
-    Caching has no backward: sample under ``torch.no_grad()``.
+    The cache holds post-norm (and rotated) k and raw v (``attention_qkv``).
     """
     B, L, C = x.shape
-    H = attn.num_heads
-    q_scale, bias = _projection_params(attn)
-    kv, start = None, 0
-    if attn.caching:
-        start = 0 if attn.cached_k is None else attn.cached_k.shape[2]
-        kv = _kv_buffers(attn, x, start)
-    q, k, v = qkv_proj(x, attn.mat_qkv.weight, bias, num_heads=H, qk_l2norm=attn.attn_l2_norm,
-                       q_scale=q_scale, coords=coords, freqs=freqs, pairing=pairing, kv_cache=kv,
-                       cache_start=start, backend=backend)
-    if attn.caching:
-        attn.cached_k, attn.cached_v = k, v
+    q, k, v = attention_qkv(attn, x, coords=coords, freqs=freqs, pairing=pairing, backend=backend)
     dropout_p = attn.attn_drop if attn.training else 0.0
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, dropout_p=dropout_p, scale=attn.scale)
     return attn.proj_drop(attn.proj(out.transpose(1, 2).reshape(B, L, C)))
