@@ -81,7 +81,10 @@ def _kv_buffers(attn: nn.Module, x: torch.Tensor, start: int):
     B = x.shape[0]
     H = attn.num_heads
     dtype = _autocast_dtype(x.device.type) or x.dtype
-    L_max = attn.__dict__[KV_LEN]
+    L_max = attn.__dict__.get(KV_LEN)
+    if L_max is None:
+        raise ValueError(f"{type(attn).__name__}: KV caching needs the cache length: patch the model with "
+                         f"patch_var, or call FusedSelfAttention.kv_caching(True, max_len=...)")
     shape = (B, H, L_max, attn.head_dim)
     if kv is None or kv[0].shape != shape or kv[0].dtype != dtype or kv[0].device != x.device:
         attn.__dict__[KV_CACHE] = None  # free the old pair before allocating the new one
