@@ -13,11 +13,13 @@ column order; for ``half`` pairing the tile loads the weight rows in the permute
 order (j, j + D/2, j + 1, ...) -- which only changes which rows the W loads
 gather, each row staying a contiguous run along K -- and one register permute
 restores the natural order before the store, so every head row is stored as a
-contiguous run. The outputs may be any (B, H, L, D) views with contiguous head
-rows: with a KV cache, k and v are the caches and their rows start at
-``kv_start`` (the append happens in the store, no copy afterwards). Chosen over two accumulators (twice the epilogue's live
+contiguous run. Chosen over two accumulators (twice the epilogue's live
 registers) without GPU measurements: the simpler of the two options the issue
 names; ``half`` vs ``interleaved`` timings in bench/ tell whether the permute costs.
+
+Outputs: any (B, H, L, D) views with contiguous head rows. With a KV cache, k and
+v are the caller's (B, H, L_max, D) caches and the store writes the rows
+``[kv_start, kv_start + L)``: the append is the store itself, no copy afterwards.
 
 Backward (``qkv_proj_bwd``): one pass over dq, dk, dv writes the packed dQKV
 (M, 3C) that the two GEMMs dX = dQKV W and dW = dQKV^T x (done by the caller)
@@ -325,8 +327,9 @@ def qkv_proj_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     """Writes q (B, H, L, D) and the rows [kv_start, kv_start + L) of k and v
     (B, H, >= kv_start + L, D) (all three: any strides, head rows contiguous) and,
     when ``rstd`` (2, M, H) fp32 is given, the inverse norms (l2 norm on).
-    x (B, L, C) any strides; weight (3C, C) any strides; bias (3C,) contiguous; q_scale (H,) fp32; coords (L, A) or
-    (B, L, A) fp32; freqs (A, D/2) or (H, A, D/2) fp32, last dim contiguous."""
+    x (B, L, C) any strides; weight (3C, C) any strides; bias (3C,) contiguous;
+    q_scale (H,) fp32; coords (L, A) or (B, L, A) fp32; freqs (A, D/2) or
+    (H, A, D/2) fp32, last dim contiguous."""
     B, L, C = x.shape
     H = num_heads
     D = C // H
