@@ -171,7 +171,7 @@ def test_sampling_calls_dispatch_only_their_output_allocations(backend, monkeypa
         ops = _aten_ops(lambda: pf.apply_rope(q, k, coords, freqs, backend=backend))
         assert ops == ["aten::empty_like"] * 2, ops
         ops = _aten_ops(lambda: pf.apply_rope_(q, k, coords, freqs, backend=backend))
-        assert ops == [], ops
+        assert ops == ["aten::_debug_has_internal_overlap"] * 2, ops  # the aliasing checks of q and k
         ops = _aten_ops(lambda: pf.qkv_proj(xq, w, b, num_heads=4, qk_l2norm=True, backend=backend))
         want = ["aten::empty"] * 4 + ([] if backend == "triton" else ["aten::linear"])
         assert ops == want, ops  # q, k, v, inverse norms (+ cuBLAS GEMM for cuda)

@@ -100,7 +100,20 @@ inline void emu_error(const std::string& what) {
 // variant a configuration exercised.
 inline std::mutex emu_kernels_mu;
 inline std::set<std::string> emu_kernels;
+
+// Dry launches (tools/kernel_report.py): each launch records its kernel, grid, block
+// and dynamic shared memory, as the host code computed them, and runs nothing: the
+// kernel body stops at its first statement (emu_note_kernel).
+struct EmuDryStop {};
+inline bool emu_dry = false;
+inline thread_local std::string emu_dry_name;
+inline std::vector<std::string> emu_launches;
+
 inline void emu_note_kernel(const char* name) {
+  if (emu_dry) {
+    emu_dry_name = name;
+    throw EmuDryStop{};
+  }
   std::lock_guard<std::mutex> g(emu_kernels_mu);
   emu_kernels.insert(name);
 }
@@ -276,6 +289,18 @@ void emu_launch(dim3 g, dim3 b, size_t smem, F&& body) {
   if (smem > kEmuSharedLimit) return emu_error("more than 48 KiB of dynamic shared memory");
   gridDim = g;
   blockDim = b;
+  if (emu_dry) {
+    blockIdx = threadIdx = dim3(0, 0, 0);
+    emu_dry_name.clear();
+    try {
+      body();
+    } catch (const EmuDryStop&) {
+    }
+    emu_launches.push_back(emu_dry_name + "|" + std::to_string(g.x) + "," + std::to_string(g.y) + "," +
+                           std::to_string(g.z) + "|" + std::to_string(b.x) + "," + std::to_string(b.y) + "," +
+                           std::to_string(b.z) + "|" + std::to_string(smem));
+    return;
+  }
   const int n = static_cast<int>(threads);
   const long long blocks = (long long)g.x * g.y * g.z;
   // Workers and this thread meet at `gate` before and after every block.

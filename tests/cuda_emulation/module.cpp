@@ -43,12 +43,37 @@ PyObject* take_kernels(PyObject*, PyObject*) {
   return names;
 }
 
+PyObject* set_dry(PyObject*, PyObject* arg) {
+  const int on = PyObject_IsTrue(arg);
+  if (on < 0) return nullptr;
+  emu_dry = on;
+  Py_RETURN_NONE;
+}
+
+PyObject* take_launches(PyObject*, PyObject*) {
+  PyObject* out = PyList_New(0);
+  for (const std::string& launch : emu_launches) {
+    PyObject* s = out ? PyUnicode_FromString(launch.c_str()) : nullptr;
+    if (!s || PyList_Append(out, s) < 0) {
+      Py_XDECREF(s);
+      Py_XDECREF(out);
+      return nullptr;
+    }
+    Py_DECREF(s);
+  }
+  emu_launches.clear();
+  return out;
+}
+
 PyMethodDef emu_methods[] = {
     {"emu_set_num_sms", set_num_sms, METH_O, "SM count cudaDeviceGetAttribute reports"},
     {"emu_set_report_path", set_report_path, METH_O,
      "sanitizer reports go to files path.<pid> (the runtime ignores UBSAN_OPTIONS set after start-up)"},
     {"emu_take_kernels", take_kernels, METH_NOARGS,
      "names of the kernels (with template arguments) that ran since the last call"},
+    {"emu_set_dry", set_dry, METH_O, "dry launches: record kernel|grid|block|smem, run nothing"},
+    {"emu_take_launches", take_launches, METH_NOARGS,
+     "the dry launches since the last call, as 'kernel|gx,gy,gz|bx,by,bz|smem' strings"},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module_def = {PyModuleDef_HEAD_INIT, EMU_STR(POSENC_EMU_MODULE), nullptr, -1, emu_methods,
