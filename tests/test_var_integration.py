@@ -212,6 +212,16 @@ def test_sampling_with_a_gradient_is_refused():
     attn.kv_caching(False)
 
 
+def test_caching_without_a_cache_length_is_a_clear_error():
+    """self_attention_forward on a VAR attention that patch_var did not set up has no
+    cache length to allocate: a ValueError that says how to get one."""
+    model = build_var_shaped(**CONFIGS["plain_C64_H2"])
+    attn = model.blocks[0].attn
+    attn.kv_caching(True)
+    with torch.no_grad(), pytest.raises(ValueError, match="needs the cache length: patch the model with patch_var"):
+        attention_mod.self_attention_forward(attn, torch.randn(2, 1, model.C), None)
+
+
 def test_sampling_with_random_labels_and_other_seed_differs():
     ref, fast = make_pair(**CONFIGS["l2norm_C96_H3"])
     ref.eval(), fast.eval()
