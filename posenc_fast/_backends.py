@@ -140,17 +140,20 @@ def requested_backend(backend: Optional[str] = None) -> str:
 
 
 def resolve_backend(op: str, backend: Optional[str], device: torch.device,
-                    limits: Optional[Callable[[str], Optional[str]]] = None) -> str:
+                    limits: Optional[Callable[[str], Optional[str]]] = None,
+                    order: Optional[Sequence[str]] = None) -> str:
     """The concrete backend that runs ``op`` on tensors of ``device``.
 
     ``limits(name)`` says why backend ``name`` cannot take this call's shapes (None
     when it can): ``auto`` skips such a backend for the next one in its order; a
-    backend asked for by name raises ValueError with that reason."""
+    backend asked for by name raises ValueError with that reason. ``order``: the op's
+    own fastest-first order for this call's shapes (an order registered with
+    ``register_auto_order`` from measurements takes precedence)."""
     name = requested_backend(backend)
     if name == "auto":
         if device.type != "cuda":
             return "reference"
-        for candidate in _AUTO_ORDER.get(op, _DEFAULT_AUTO_ORDER):
+        for candidate in _AUTO_ORDER.get(op, order or _DEFAULT_AUTO_ORDER):
             if unavailable_reason(candidate, device) is None and (limits is None or limits(candidate) is None):
                 return candidate
         return "reference"

@@ -488,6 +488,23 @@ def test_auto_skips_a_backend_that_cannot_take_the_shape(monkeypatch):
         _backends.resolve_backend("qkv_proj", "cuda", cuda, _backend_limits(64, five_axes))
 
 
+def test_auto_order_follows_the_evidence_per_shape(monkeypatch):
+    """Until GPU measurements are registered: sampling-size calls (few rows, host time
+    decides) take the CUDA path, training-size calls the fused Triton GEMM (README,
+    Performance); a measured order registered for the op takes precedence."""
+    from posenc_fast import _backends
+    from posenc_fast.ops import qkv_proj as Q
+
+    monkeypatch.setattr(_backends, "unavailable_reason", lambda name, device=None: None)
+    monkeypatch.delitem(_backends._AUTO_ORDER, "qkv_proj", raising=False)
+    cuda = torch.device("cuda")
+    limits = Q._backend_limits(64, None)
+    assert _backends.resolve_backend("qkv_proj", "auto", cuda, limits, Q._auto_order(2 * 256)) == "cuda"
+    assert _backends.resolve_backend("qkv_proj", "auto", cuda, limits, Q._auto_order(32 * 680)) == "triton"
+    monkeypatch.setitem(_backends._AUTO_ORDER, "qkv_proj", ("cuda", "triton"))
+    assert _backends.resolve_backend("qkv_proj", "auto", cuda, limits, Q._auto_order(32 * 680)) == "cuda"
+
+
 @pytest.mark.skipif(HAS_CUDA, reason="checks the no-GPU error path")
 def test_cuda_backend_unavailable_raises_with_reason():
     x, w = torch.randn(1, 4, 32), torch.randn(96, 32)

@@ -164,6 +164,8 @@ def _ok():
     (lambda a: a.update(kv_cache=None, cache_start=3), ValueError, "cache_start = 3 is given without kv_cache"),
     (lambda a: a.update(kv_cache=(a["kv_cache"][0].transpose(2, 3).contiguous().transpose(2, 3),
                                   a["kv_cache"][1])), ValueError, r"k_cache must have contiguous head rows"),
+    (lambda a: a.update(kv_cache=(a["kv_cache"][0].transpose(1, 2).contiguous().transpose(1, 2),
+                                  a["kv_cache"][1])), ValueError, "k_cache and v_cache must have the same strides"),
     (lambda a: a.update(kv_cache=(a["kv_cache"][0][:, :1].expand(2, 3, 14, 64), a["kv_cache"][1])), ValueError,
      "k_cache is written in place but more than one of its elements"),
     (lambda a: a.update(kv_cache=(a["kv_cache"][0], a["kv_cache"][0])), ValueError,
@@ -171,7 +173,7 @@ def _ok():
     (lambda a: a.update(kv_cache=(a["kv_cache"][0], a["kv_cache"][1].to("meta"))), ValueError,
      "v_cache is on meta but x is on"),
 ], ids=["not-a-pair", "none", "dtype", "ndim", "batch", "head-dim", "overflow", "negative-start", "float-start",
-        "start-without-cache", "strided-rows", "expanded", "same-tensor", "device"])
+        "start-without-cache", "strided-rows", "different-layouts", "expanded", "same-tensor", "device"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bad_caches_raise_clear_errors(backend, change, exc, msg):
     x, w, b, kw, kc, vc = _ok()

@@ -153,6 +153,8 @@ def _intercept(rec: _Recorder, cuda_lib=None):
             configs = [None]
             if isinstance(obj, triton.runtime.Autotuner):
                 configs = obj.configs
+                if obj.early_config_prune:  # what the autotuner would try for this call
+                    configs = obj.early_config_prune(configs, dict(zip(obj.arg_names, args)), **kwargs)
                 obj = obj.fn
             heur = None
             if isinstance(obj, triton.runtime.Heuristics):
@@ -637,6 +639,24 @@ def _predict(op, direction, w, moved, rows) -> Optional[float]:
     return 1e6 * max(t_mem, t_issue, t_flops) / max(eff, 1e-3)
 
 
+def markdown(rows: List[Row], calls: List[dict]) -> str:
+    """Per call on sm_90: launches, bytes vs minimum, the main kernel's registers,
+    occupancy and wave efficiency, the widest global load, the predicted time."""
+    lines = ["| op | dir | workload | backend | launches | bytes / min | B per warp-instr | main kernel: regs, "
+             "occupancy, waves (eff.) | widest load | predicted us (H100 SXM) |", "|" + "---|" * 10]
+    for c in calls:
+        main = [r for r in _main_rows([r for r in rows if (r.op, r.direction, r.workload, r.backend, r.arch) ==
+                                       (c["op"], c["direction"], c["workload"], c["backend"], 90)])]
+        m = max(main, key=lambda r: r.wave_efficiency) if main else None
+        kern = f"{m.regs}, {m.occupancy:.2f}, {m.waves:.2f} ({m.wave_efficiency:.2f})" if m else ""
+        widest = f"{max(m.ldg_bits)} bit" if m and m.ldg_bits else ""
+        bpi = c.get("bytes_per_warp_instr")
+        lines.append(f"| {c['op']} | {c['direction']} | {c['workload']} | {c['backend']} | {c['launches']} | "
+                     f"{c['ratio']:.2f} | {'' if bpi is None else f'{bpi:.1f}'} | {kern} | {widest} | "
+                     f"{c['predicted_us']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
 BASELINE = ROOT / "tools" / "kernel_report_baseline.json"
 
 
@@ -660,6 +680,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--json", type=Path, help="write every row and call as JSON here")
     ap.add_argument("--arch", type=int, action="append", help="compute capability (default 90 and 80)")
     ap.add_argument("--write-baseline", action="store_true", help=f"record today's failures in {BASELINE.name}")
+    ap.add_argument("--markdown", type=Path, help="write the per-call table (PREDICTED times) as markdown here")
     args = ap.parse_args(argv)
     rows, calls = analyse(args.arch or [90, 80])
     print("Kernel variants (compiler facts; grids at the SPEC workloads, 132 SMs)")
@@ -690,6 +711,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"NOW PASSES (remove it from the baseline) {k}")
     if args.json:
         args.json.write_text(json.dumps({"rows": [asdict(r) for r in rows], "calls": calls}, indent=1))
+    if args.markdown:
+        args.markdown.write_text(markdown(rows, calls))
     if args.write_baseline:
         BASELINE.write_text(json.dumps({
             "why": "Gate failures of tools/kernel_report.py known and tracked in an issue (kernel efficiency); "

@@ -232,6 +232,15 @@ def _expand(entries: List[dict], all_configs: bool) -> List[dict]:
             out.append({**entry, "group": None})
             continue
         attr, derived, on_gpu = AUTOTUNED[key]
+        if entry["options"]:
+            # A launch with its own config (qkv_proj's small-M path), not the autotuner's
+            # stand-in: compiled as launched, with the GPU values of interpreter-only flags.
+            names = list(entry["signature"])
+            constexprs = {tuple(p): v for p, v in entry["constexprs"]}
+            for name, value in on_gpu.items():
+                constexprs[(names.index(name),)] = value
+            out.append({**entry, "constexprs": sorted([list(p), v] for p, v in constexprs.items()), "group": None})
+            continue
         configs = getattr(importlib.import_module(entry["module"]), attr)
         choices = list(itertools.product(itertools.product(*derived.values()), configs))
         if not all_configs:

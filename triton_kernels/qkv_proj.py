@@ -17,9 +17,11 @@ contiguous run. Chosen over two accumulators (twice the epilogue's live
 registers) without GPU measurements: the simpler of the two options the issue
 names; ``half`` vs ``interleaved`` timings in bench/ tell whether the permute costs.
 
-Outputs: any (B, H, L, D) views with contiguous head rows. With a KV cache, k and
-v are the caller's (B, H, L_max, D) caches and the store writes the rows
-``[kv_start, kv_start + L)``: the append is the store itself, no copy afterwards.
+Outputs: q contiguous; k and v any (B, H, L, D) views of one layout with contiguous
+head rows. With a KV cache they are the caller's (B, H, L_max, D) caches and the
+store writes the rows ``[kv_start, kv_start + L)``: the append is the store itself,
+no copy afterwards. (q keeps its fixed layout and k, v share one set of strides:
+fewer live values in the epilogue, which must not start spilling.)
 
 Backward (``qkv_proj_bwd``): one pass over dq, dk, dv writes the packed dQKV
 (M, 3C) that the two GEMMs dX = dQKV W and dW = dQKV^T x (done by the caller)
@@ -92,15 +94,14 @@ def _cos_sin(coords_ptr, c_off, sca, freqs_ptr, f_off, sfa, NUM_AXES: tl.constex
 @triton.jit
 def _fwd_kernel(x_ptr, w_ptr, bias_ptr, qs_ptr, coords_ptr, freqs_ptr,
                 q_ptr, k_ptr, v_ptr, rstd_ptr,
-                M, L, K, H, m_bucket, kv_start,
-                sxb, sxl, sxk, swn, swk, scb, scl, sca, sfh, sfa,
-                sqb, sqh, sql, skb, skh, skl, svb, svh, svl,
+                M, L, K, H, m_class, kv_start,
+                sxb, sxl, sxk, swn, swk, scb, scl, sca, sfh, sfa, skvb, skvh, skvl,
                 D: tl.constexpr, HEADS: tl.constexpr, NUM_AXES: tl.constexpr,
                 HAS_BIAS: tl.constexpr, HAS_QSCALE: tl.constexpr, L2NORM: tl.constexpr,
                 ROPE: tl.constexpr, HALF: tl.constexpr, IEEE: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
                 UPCAST_DOT: tl.constexpr = False):
-    # m_bucket (log2 of M) is only an autotuning key.
+    # m_class (0: M < LARGE_M, 1: larger) is only an autotuning key.
     BLOCK_N: tl.constexpr = HEADS * D
     P: tl.constexpr = BLOCK_N // 2
     # N-tiles fastest: consecutive programs share the x row block (read from DRAM
@@ -171,14 +172,19 @@ def _fwd_kernel(x_ptr, w_ptr, bias_ptr, qs_ptr, coords_ptr, freqs_ptr,
     c = tl.arange(0, BLOCK_N)
     head = (head0 + c // D).to(tl.int64)
     out = _from_pairs(acc, BLOCK_M, HEADS, D, HALF).to(q_ptr.dtype.element_ty)
+    # q is contiguous (B, H, L, D); k and v share one layout whose rows start at
+    # kv_start (a KV-cache window). Scalars picked per tile, one offset tensor.
+    is_q = section == 0
+    sb = tl.where(is_q, H * L * D, skvb)
+    sh = tl.where(is_q, L * D, skvh)
+    sl = tl.where(is_q, D, skvl)
+    l0 = tl.where(is_q, 0, kv_start)
+    off = (bidx * sb + (lidx + l0) * sl)[:, None] + (head * sh + c % D)[None, :]
     if section == 0:
-        off = (bidx * sqb + lidx * sql)[:, None] + (head * sqh + c % D)[None, :]
         tl.store(q_ptr + off, out, mask=row_ok[:, None])
     elif section == 1:
-        off = (bidx * skb + (lidx + kv_start) * skl)[:, None] + (head * skh + c % D)[None, :]
         tl.store(k_ptr + off, out, mask=row_ok[:, None])
     else:
-        off = (bidx * svb + (lidx + kv_start) * svl)[:, None] + (head * svh + c % D)[None, :]
         tl.store(v_ptr + off, out, mask=row_ok[:, None])
 
 
@@ -188,16 +194,43 @@ _fwd_heuristic = triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] ==
 # BLOCK_N is fixed per shape by the head tiling.
 _FWD_CONFIGS = [
     triton.Config({"BLOCK_M": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_K": 64}, num_warps=8, num_stages=4),
+    triton.Config({"BLOCK_M": 128, "BLOCK_K": 32}, num_warps=8, num_stages=4),
     triton.Config({"BLOCK_M": 128, "BLOCK_K": 64}, num_warps=4, num_stages=4),
     triton.Config({"BLOCK_M": 128, "BLOCK_K": 32}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 128, "BLOCK_K": 64}, num_warps=16, num_stages=3),  # D = 128 with rope
+    triton.Config({"BLOCK_M": 64, "BLOCK_K": 64}, num_warps=8, num_stages=4),
     triton.Config({"BLOCK_M": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
     triton.Config({"BLOCK_M": 64, "BLOCK_K": 32}, num_warps=4, num_stages=5),
     triton.Config({"BLOCK_M": 256, "BLOCK_K": 64}, num_warps=8, num_stages=3),
 ]
+# fp32 accumulator elements per thread that leave the epilogue room without spills
+# (tools/kernel_report.py checks every launched config with ptxas): the rotation
+# holds its cos/sin tiles and both pair halves beside the accumulator.
+ACC_PER_THREAD = {False: 64, True: 32}
+
+
+def _fits_registers(configs, named_args, **kwargs):
+    """Drops the configs whose tile would spill for this call's head tiling and epilogue."""
+    block_n = kwargs["HEADS"] * kwargs["D"]
+    budget = ACC_PER_THREAD[bool(kwargs["ROPE"])]
+    keep = [c for c in configs if c.kwargs["BLOCK_M"] * block_n // (32 * c.num_warps) <= budget]
+    return keep or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * block_n // (32 * c.num_warps))]
+
+
 _fwd_tuned = triton.autotune(
     configs=_FWD_CONFIGS,
-    key=["m_bucket", "K", "H", "D", "HEADS", "NUM_AXES", "L2NORM", "ROPE", "IEEE"],
+    # Not M itself: sampling calls with ever-new M, and each new key would tune again
+    # (device syncs, no CUDA-graph capture). Small M never gets here (qkv_proj_fwd).
+    key=["m_class", "K", "H", "D", "HEADS", "NUM_AXES", "L2NORM", "ROPE", "IEEE"],
+    prune_configs_by={"early_config_prune": _fits_registers},
 )(_fwd_heuristic)
+
+# Up to this many rows (sampling: 2B x n tokens of one scale) one fixed small-tile
+# config runs, with one head per tile for the most programs; from LARGE_M rows the
+# autotuner keys a second config family.
+SMALL_M = 1024
+LARGE_M = 8192
 
 
 @triton.jit
@@ -324,9 +357,9 @@ def qkv_proj_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
                  q_scale: Optional[torch.Tensor], coords: Optional[torch.Tensor], freqs: Optional[torch.Tensor],
                  q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rstd: Optional[torch.Tensor], *,
                  num_heads: int, half_pairing: bool, kv_start: int = 0) -> None:
-    """Writes q (B, H, L, D) and the rows [kv_start, kv_start + L) of k and v
-    (B, H, >= kv_start + L, D) (all three: any strides, head rows contiguous) and,
-    when ``rstd`` (2, M, H) fp32 is given, the inverse norms (l2 norm on).
+    """Writes q (contiguous (B, H, L, D)) and the rows [kv_start, kv_start + L) of k
+    and v ((B, H, >= kv_start + L, D), both with the same strides, head rows
+    contiguous) and, when ``rstd`` (2, M, H) fp32 is given, the inverse norms.
     x (B, L, C) any strides; weight (3C, C) any strides; bias (3C,) contiguous;
     q_scale (H,) fp32; coords (L, A) or (B, L, A) fp32; freqs (A, D/2) or
     (H, A, D/2) fp32, last dim contiguous."""
@@ -335,14 +368,15 @@ def qkv_proj_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     D = C // H
     _check_head_dim(D)
     M = B * L
-    HEADS = heads_per_tile(H, D)
+    small = M <= SMALL_M
+    HEADS = 1 if small else heads_per_tile(H, D)
     coords_t, freqs_t, (scb, scl, sca, sfh, sfa), A = _rope_args(coords, freqs, q)
     ieee = x.dtype == torch.float32 and not _tf32_allowed()
     args = (x, weight, q if bias is None else bias, q if q_scale is None else q_scale, coords_t, freqs_t,
             q, k, v, q if rstd is None else rstd,
-            M, L, C, H, max(M - 1, 1).bit_length(), kv_start,
+            M, L, C, H, int(M >= LARGE_M), kv_start,
             x.stride(0), x.stride(1), x.stride(2), weight.stride(0), weight.stride(1),
-            scb, scl, sca, sfh, sfa, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3])
+            scb, scl, sca, sfh, sfa, *k.stride()[:3])
     flags = dict(D=D, HEADS=HEADS, NUM_AXES=A, HAS_BIAS=bias is not None, HAS_QSCALE=q_scale is not None,
                  L2NORM=rstd is not None, ROPE=coords is not None, HALF=bool(half_pairing), IEEE=ieee)
     num_n = 3 * H // HEADS
@@ -350,8 +384,13 @@ def qkv_proj_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     def grid(meta):
         return (cdiv(M, meta["BLOCK_M"]) * num_n,)
 
-    if _interpreting():
-        _fwd_heuristic[grid](*args, **flags, BLOCK_M=32, BLOCK_K=64, UPCAST_DOT=x.dtype == torch.bfloat16)
+    upcast = _interpreting() and x.dtype == torch.bfloat16
+    if small:
+        block_m = min(64, max(16, next_power_of_2(M)))
+        _fwd_heuristic[grid](*args, **flags, BLOCK_M=block_m, BLOCK_K=64, UPCAST_DOT=upcast, num_warps=4,
+                             num_stages=3)
+    elif _interpreting():
+        _fwd_heuristic[grid](*args, **flags, BLOCK_M=32, BLOCK_K=64, UPCAST_DOT=upcast)
     else:
         _fwd_tuned[grid](*args, **flags)
 

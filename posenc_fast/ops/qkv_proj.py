@@ -288,8 +288,8 @@ def _validate(x, weight, bias, num_heads, qk_l2norm, q_scale, coords, freqs, pai
 
 
 def _validate_cache(kv_cache, cache_start, x: torch.Tensor, num_heads: int, dtype: torch.dtype) -> None:
-    """The caches must be (B, H, L_max, D) with contiguous head rows, in the outputs'
-    dtype, on x's device, and hold the rows [cache_start, cache_start + L)."""
+    """The caches must be (B, H, L_max, D) with contiguous head rows and equal strides,
+    in the outputs' dtype, on x's device, and hold the rows [cache_start, cache_start + L)."""
     if not isinstance(kv_cache, (tuple, list)) or len(kv_cache) != 2:
         raise TypeError(f"kv_cache must be a (k_cache, v_cache) pair of tensors, got {type(kv_cache).__name__}")
     _checks.check_int("cache_start", cache_start, minimum=0)
@@ -313,6 +313,10 @@ def _validate_cache(kv_cache, cache_start, x: torch.Tensor, num_heads: int, dtyp
             raise ValueError(f"kv_cache {name} must have contiguous head rows (stride(3) == 1), got strides "
                              f"{tuple(t.stride())}")
         _checks.check_writable(f"kv_cache {name}", t)
+    if kv_cache[0].stride() != kv_cache[1].stride():
+        # The Triton epilogue stores k and v through one set of strides (registers).
+        raise ValueError(f"kv_cache k_cache and v_cache must have the same strides, got {tuple(kv_cache[0].stride())} "
+                         f"and {tuple(kv_cache[1].stride())}")
 
 
 def _cache_key(kv_cache) -> Hashable:
@@ -372,6 +376,18 @@ def _backend_limits(D: int, coords: Optional[torch.Tensor]):
     return reason
 
 
+# The evidence until GPU measurements replace it (README, Performance): at training
+# sizes the fused Triton GEMM is predicted several times faster than cuBLAS plus the
+# CUDA epilogue pass (tools/kernel_report.py: bytes 2.5x the minimum, issue-bound
+# epilogue); at sampling sizes (few rows) host time decides, and the CUDA path's is
+# the lower (bench/host_overhead.py: no Triton launcher).
+_SAMPLING_ROWS = 1024
+
+
+def _auto_order(rows: int):
+    return ("cuda", "triton", "reference") if rows <= _SAMPLING_ROWS else ("triton", "cuda", "reference")
+
+
 def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
     if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
@@ -402,7 +418,8 @@ def qkv_proj(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
     CUDA a device-side assert, which needs no host sync).
 
     KV cache (scale-by-scale sampling): with ``kv_cache=(k_cache, v_cache)``, two
-    (B, H, L_max, D) tensors in the outputs' dtype with contiguous head rows (e.g.
+    (B, H, L_max, D) tensors in the outputs' dtype with contiguous head rows and the
+    same strides (e.g.
     allocated once per sampling run with L_max the whole pyramid), k and v of the n
     tokens of x are written by the kernel straight into the rows
     ``[cache_start, cache_start + n)`` (rows outside stay untouched), and the call
@@ -430,7 +447,8 @@ def qkv_proj(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
 
     def plan():
         device = _validate(x, weight, bias, num_heads, qk_l2norm, q_scale, coords, freqs, pairing)
-        name = _backends.resolve_backend(OP, requested, device, _backend_limits(x.shape[2] // num_heads, coords))
+        name = _backends.resolve_backend(OP, requested, device, _backend_limits(x.shape[2] // num_heads, coords),
+                                         _auto_order(x.shape[0] * x.shape[1]))
         cast = _autocast_dtype(device.type)
         dt = x.dtype if cast is None else cast
         _check_dtypes(dt, weight if cast is None else None, bias if cast is None else None)
