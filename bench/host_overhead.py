@@ -112,6 +112,24 @@ def cases(device: torch.device, quick: bool):
         yield "pyramid_pos_level_add", f"VAR sampling scale {si} (B={B}, n={n}, C={C_pyr})", fused, \
             (lambda x=x, a=a, n=n: x + lvl_pos[:, a:a + n]), contextlib.nullcontext
 
+    # pos_embed_add: FlexVAR's learned grid (the eager code re-interpolates it per scale;
+    # the baseline here is the cheaper cached per-scale table, sliced and added) and
+    # MAE's fixed 2D sin-cos (eager: a cached table added).
+    grid = torch.randn(1, C_pyr, 32, 32, device=device, dtype=dt)
+    for si in scales:
+        pn = PATCH_NUMS[si]
+        x = torch.randn(B, pn * pn, C_pyr, device=device, dtype=dt)
+        table = F.interpolate(grid, size=(pn, pn), mode="area").flatten(2).transpose(1, 2)
+        fused = {b: (lambda b=b, x=x, a=BEGIN[si]: pf.pos_embed_add(x, "flexvar", PATCH_NUMS, start=a, tables=(grid,),
+                                                                    backend=b)) for b in ("triton", "cuda")}
+        yield "pos_embed_add", f"FlexVAR sampling scale {si} (B={B}, n={pn * pn}, C={C_pyr})", fused, \
+            (lambda x=x, t=table: x + t), contextlib.nullcontext
+    mae = pf.pos_embed_table("mae", [16], C_pyr, device=device)
+    x = torch.randn(B, 256, C_pyr, device=device, dtype=dt)
+    yield "pos_embed_add", f"MAE 2D sin-cos, 16x16 grid (B={B}, n=256, C={C_pyr})", \
+        {b: (lambda b=b: pf.pos_embed_add(x, "mae", [16], backend=b)) for b in ("triton", "cuda")}, \
+        (lambda: x + mae), contextlib.nullcontext
+
     # RoPE: Infinity-2B heads (H=16, D=128) on one sampling scale; the eager baseline
     # is the interleaved rotation with cos/sin tables cached once per run.
     H, D = 16, 128

@@ -40,6 +40,15 @@ def run_ops(backend: str, device: str, dtype: torch.dtype, w: dict) -> None:
     x = rnd(B, L, C)
     out = pf.pyramid_pos_level_add(x, rnd(1, L, C), rnd(len(pn), C), pn, backend=backend)
     out.backward(torch.ones_like(out))
+    grid = rnd(1, C, 32, 32, std=0.02)
+    out = pf.pos_embed_add(x, "flexvar", pn, tables=(grid,), backend=backend)  # learned: gather + d grid
+    out.backward(torch.ones_like(out))
+    pf.pos_embed_add(x, "sincos_pyramid", pn, backend=backend)  # fixed: generated in the kernel
+    side = pn[-1]
+    mask = torch.zeros(B, side, side, dtype=torch.bool, device=device)
+    mask[0, :, side // 2:] = True
+    pf.pos_embed_add(rnd(B, side * side, C, grad=False), "detr", [side], mask=mask, normalize=True,
+                     backend=backend)  # per-image coordinates
     coords = pf.pyramid_coords(pn, mode="round").to(device)
     freqs = pf.axial_rope_freqs(D).to(device)
     q, k = rnd(B, H, L, D), rnd(B, H, L, D)

@@ -5,7 +5,8 @@
 // then streams it onto its share of the batch: x is read once and out written
 // once, pos/lvl are read once per token instead of once per (batch, token).
 // Backward: per chunk of rows inside one level, sum the gradient over the batch
-// (shared-memory reduction in a fixed order), write dpos rows, keep the chunk sum;
+// (16-byte loads; shared-memory reduction in a fixed order), write dpos rows, keep
+// the chunk sum;
 // a second tiny kernel adds the chunk sums of each level in chunk order. No
 // atomics, so results are bit-identical from run to run.
 #include "device_utils.cuh"
@@ -130,38 +131,61 @@ void launch_fwd(const PyramidAddFwdArgs& a, int device, cudaStream_t stream) {
   check_last_launch("pyramid_add_fwd_kernel");
 }
 
-constexpr int kBwdChannels = 64;  // threads along C (coalesced)
-constexpr int kBwdLanes = 4;      // threads along the batch
+constexpr int kBwdThreadsX = 32;  // channel vectors per block (a warp: coalesced)
+constexpr int kBwdLanes = 8;       // threads along the batch
 
-template <typename TG>
+// Each thread owns VEC consecutive channels (one 16-byte load per batch row when the
+// host allows it) and a stride of the batch; the lanes' sums meet in shared memory,
+// double-buffered by row so that one barrier per row separates writes and reads.
+template <typename TG, int VEC>
 __global__ void pyramid_add_bwd_rows_kernel(const PyramidAddBwdArgs a) {
-  __shared__ float red[kBwdLanes][kBwdChannels];
+  __shared__ float red[2][kBwdLanes][kBwdThreadsX * VEC];
   const int64_t chunk = blockIdx.x;
-  const int64_t c = static_cast<int64_t>(blockIdx.y) * kBwdChannels + threadIdx.x;
+  const int64_t c0 = (static_cast<int64_t>(blockIdx.y) * kBwdThreadsX + threadIdx.x) * VEC;
   const int r0 = a.chunks[3 * chunk], r1 = a.chunks[3 * chunk + 1];
   const TG* __restrict__ grad = static_cast<const TG*>(a.grad);
-  float chunk_sum = 0.f;
-  for (int r = r0; r < r1; ++r) {
-    float s = 0.f;
-    if (c < a.C) {
-      const int64_t base = r * a.grad_stride[1] + c * a.grad_stride[2];
-#pragma unroll 4
-      for (int64_t b = threadIdx.y; b < a.B; b += kBwdLanes) s += to_float<TG>(grad[base + b * a.grad_stride[0]]);
-    }
-    red[threadIdx.y][threadIdx.x] = s;
-    __syncthreads();
-    if (threadIdx.y == 0) {
-      float row = red[0][threadIdx.x];
+  const bool active = c0 < a.C;
+  float chunk_sum[VEC];
 #pragma unroll
-      for (int l = 1; l < kBwdLanes; ++l) row += red[l][threadIdx.x];
-      if (c < a.C) {
-        if (a.dpos) store_any(a.dpos, r * a.dpos_row_stride + c, a.dpos_dtype, a.pos_weight * row);
-        chunk_sum += row;
+  for (int v = 0; v < VEC; ++v) chunk_sum[v] = 0.f;
+  for (int r = r0; r < r1; ++r) {
+    float s[VEC];
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) s[v] = 0.f;
+    if (active) {
+      const int64_t base = r * a.grad_stride[1] + c0 * a.grad_stride[2];
+#pragma unroll 4
+      for (int64_t b = threadIdx.y; b < a.B; b += kBwdLanes) {
+        if constexpr (VEC > 1) {
+          // Host guarantees unit channel stride, C % VEC == 0 and 16-byte aligned rows.
+          const Pack<TG, VEC> g = *reinterpret_cast<const Pack<TG, VEC>*>(grad + base + b * a.grad_stride[0]);
+#pragma unroll
+          for (int v = 0; v < VEC; ++v) s[v] += to_float<TG>(g.v[v]);
+        } else {
+          s[0] += to_float<TG>(grad[base + b * a.grad_stride[0]]);
+        }
       }
     }
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) red[r & 1][threadIdx.y][threadIdx.x * VEC + v] = s[v];
     __syncthreads();
+    if (threadIdx.y == 0 && active) {
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) {
+        float row = red[r & 1][0][threadIdx.x * VEC + v];
+#pragma unroll
+        for (int l = 1; l < kBwdLanes; ++l) row += red[r & 1][l][threadIdx.x * VEC + v];
+        if (a.dpos) store_any(a.dpos, r * a.dpos_row_stride + c0 + v, a.dpos_dtype, a.pos_weight * row);
+        chunk_sum[v] += row;
+      }
+    }
+    // No second barrier: the next row writes the other buffer, and the one after
+    // this buffer again only past the next row's barrier, which lane 0 also reaches.
   }
-  if (threadIdx.y == 0 && c < a.C) a.partial[chunk * a.C + c] = chunk_sum;
+  if (threadIdx.y == 0 && active) {
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) a.partial[chunk * a.C + c0 + v] = chunk_sum[v];
+  }
 }
 
 __global__ void pyramid_add_bwd_levels_kernel(const PyramidAddBwdArgs a) {
@@ -202,8 +226,17 @@ void pyramid_pos_level_add_bwd(const PyramidAddBwdArgs& a, int device, cudaStrea
   if (a.num_chunks > 0) {
     dispatch_dtype(a.grad_dtype, "grad", [&](auto tg) {
       using TG = decltype(tg);
-      const dim3 grid(static_cast<unsigned>(a.num_chunks), ceil_div(a.C, kBwdChannels));
-      pyramid_add_bwd_rows_kernel<TG><<<grid, dim3(kBwdChannels, kBwdLanes), 0, stream>>>(a);
+      constexpr int kVec = 16 / sizeof(TG);
+      const bool vec = a.grad_stride[2] == 1 && a.C % kVec == 0 && a.grad_stride[0] % kVec == 0 &&
+                       a.grad_stride[1] % kVec == 0 && reinterpret_cast<uintptr_t>(a.grad) % 16 == 0;
+      const dim3 block(kBwdThreadsX, kBwdLanes);
+      if (vec) {
+        const dim3 grid(static_cast<unsigned>(a.num_chunks), ceil_div(a.C, kBwdThreadsX * kVec));
+        pyramid_add_bwd_rows_kernel<TG, kVec><<<grid, block, 0, stream>>>(a);
+      } else {
+        const dim3 grid(static_cast<unsigned>(a.num_chunks), ceil_div(a.C, kBwdThreadsX));
+        pyramid_add_bwd_rows_kernel<TG, 1><<<grid, block, 0, stream>>>(a);
+      }
       check_last_launch("pyramid_add_bwd_rows_kernel");
     });
   }

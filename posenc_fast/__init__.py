@@ -14,6 +14,11 @@ from .ops.rope import (apply_rope, apply_rope_, axial_rope_freqs, mrope_freqs, p
                        rope_1d_freqs, rope_mixed_freqs)
 from .nn.rope import PyramidRoPE  # noqa: E402
 
+# -- additive encodings of the wider family (FlexVAR, NaViT, Pix2Struct, sin-cos, DETR, SAM) --
+from .ops.pos_embed import pos_embed_add, pos_embed_table  # noqa: E402
+from .nn.pos_embed import (DETRPositionEmbeddingSine, FlexVARPosEmbedding, NaViTPosEmbedding,  # noqa: E402
+                           Pix2StructPosEmbedding, SAMPositionEmbeddingRandom, SinCosPosEmbedding)
+
 # -- fused attention input projection --
 from .ops.qkv_proj import qkv_proj  # noqa: E402
 
@@ -24,5 +29,7 @@ __all__ = [
     "pyramid_pos_level_add", "PyramidPosLevelEmbedding",
     "apply_rope", "apply_rope_", "pyramid_coords", "axial_rope_freqs", "rope_1d_freqs", "mrope_freqs",
     "rope_mixed_freqs", "PyramidRoPE",
+    "pos_embed_add", "pos_embed_table", "FlexVARPosEmbedding", "NaViTPosEmbedding", "Pix2StructPosEmbedding",
+    "SinCosPosEmbedding", "DETRPositionEmbeddingSine", "SAMPositionEmbeddingRandom",
     "qkv_proj",
 ]

@@ -36,9 +36,10 @@ class _StubLibrary:
 
 
 def _triton_modules():
-    from posenc_fast.triton_kernels import pyramid_pos_level_add as tp, qkv_proj as tq, rope as tr
+    from posenc_fast.triton_kernels import pos_embed_add as te, pyramid_pos_level_add as tp, qkv_proj as tq, \
+        rope as tr
 
-    return tp, tq, tr
+    return tp, tq, tr, te
 
 
 @contextlib.contextmanager

@@ -42,6 +42,7 @@ tree (to check that a planted bug is caught).
 """
 
 import hashlib
+import math
 import importlib.util
 import os
 import shutil
@@ -57,9 +58,11 @@ import pytest
 import torch
 
 from posenc_fast import _cuda
+from posenc_fast.ops import pos_embed as PE
 from posenc_fast.ops import pyramid as P
 from posenc_fast.ops import qkv_proj as Q
 from posenc_fast.ops import rope as R
+from posenc_fast.reference import pos_embed as pe_ref
 from posenc_fast.reference import pyramid as pyr_ref
 from posenc_fast.reference import qkv_proj as qkv_ref
 from posenc_fast.reference import rope as rope_ref
@@ -71,6 +74,7 @@ FAMILIES = {  # family -> (csrc/<name>.cu, csrc/bindings/<name>.cpp with posenc_
     "pyramid": ("pyramid_pos_level_add", "pyramid_pos_level_add"),
     "rope": ("rope", "rope"),
     "qkv_proj": ("qkv_proj", "qkv_proj"),
+    "pos_embed": ("pos_embed_add", "pos_embed_add"),
 }
 # Py_LIMITED_API as in the real build (CMakeLists.txt): the binding must compile against it.
 CXXFLAGS = ["-std=c++20", "-O1", "-fPIC", "-pthread", "-fsanitize=alignment,bounds", "-w",
@@ -128,7 +132,7 @@ def _cache_key(family):
     return h.hexdigest()[:20]
 
 
-# One compiler process per core at a time (the three families build in parallel threads).
+# One compiler process per core at a time (the families build in parallel threads).
 _COMPILE_SLOTS = threading.BoundedSemaphore(max(2, os.cpu_count() or 2))
 
 
@@ -177,7 +181,7 @@ def sanitizer_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def emu_builds():
-    """Builds the three families in parallel threads (their compiles share one slot
+    """Builds the families in parallel threads (their compiles share one slot
     per core); family -> module path, or the exception."""
     why = _missing_toolchain()
     if why:
@@ -259,6 +263,11 @@ def emu_rope(emu_builds, sanitizer_dir, monkeypatch):
 @pytest.fixture
 def emu_qkv(emu_builds, sanitizer_dir, monkeypatch):
     yield from _use("qkv_proj", emu_builds, sanitizer_dir, monkeypatch)
+
+
+@pytest.fixture
+def emu_pos_embed(emu_builds, sanitizer_dir, monkeypatch):
+    yield from _use("pos_embed", emu_builds, sanitizer_dir, monkeypatch)
 
 
 def _close(got, exp, tol, what):
@@ -347,7 +356,11 @@ def test_pyramid(emu_pyramid, case):
     g = torch.randn(n, B, C, dtype=out.dtype).transpose(0, 1) if grad_t else torch.randn(B, n, C, dtype=out.dtype)
     leaves = [t for t in (x, pos, lvl) if t is not None]
     got = torch.autograd.grad(out, leaves, g)
-    _ran(emu_pyramid, "pyramid_add_bwd_rows_kernel", "pyramid_add_bwd_levels_kernel")
+    names = emu_pyramid.emu_take_kernels()
+    # 16-byte gradient loads whenever the channels allow (g has unit channel stride)
+    vec = 16 // g.element_size() if C % (16 // g.element_size()) == 0 else 1
+    assert any("pyramid_add_bwd_rows_kernel" in n and f"VEC = {vec}" in n for n in names), names
+    assert any("pyramid_add_bwd_levels_kernel" in n for n in names), names
     ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
     rx, rp, rl = ref_leaves[0], (ref_leaves[1] if pos is not None else None), ref_leaves[-1]
     o = pyr_ref.pyramid_pos_level_add(rx, rp, rl, sc, start=start, pos_weight=pw, sincos_weight=sw)
@@ -566,3 +579,83 @@ def test_qkv_proj_kv_cache_append(emu_qkv, case):
     exp = qkv_ref.qkv_proj(x, w, b, num_heads=H, qk_l2norm=True, q_scale=q_scale, coords=coords, freqs=freqs)
     for name, a, e in zip("qkv", (q, kc[:, :, start:start + L], vc[:, :, start:start + L]), exp):
         _close(a, e, 2 * FWD_TOL[dtype], name)
+
+
+# -------------------------------------------------------------- pos_embed
+
+# id: kind, options, x dtype, learned table shapes (dtype), C, scales, prefix, start, x layout, SMs,
+#     expected forward variant
+POS_EMBED_CASES = {
+    "mae-fp32-prefix-vec": ("mae", {}, f32, None, 12, [1, 2, (2, 3)], 1, 2, "contig", 132, "VEC = 4"),
+    "timm-bf16-interleave-reverse": ("timm", {"interleave": True, "reverse_coord": True}, bf16, None, 20,
+                                     [(3, 5)], 0, 1, "transposed", 1, "VEC = 1"),
+    "sincos_pyramid-fp16-oddhalf": ("sincos_pyramid", {}, f16, None, 10, [1, 2, 3], 0, 0, "chstride", 132,
+                                    "VEC = 1"),
+    "sincos_1d-fp32": ("sincos_1d", {"interleave": True}, f32, None, 6, [2, 3], 2, 3, "contig", 1, "VEC = 1"),
+    "detr-normalize-mask-vec": ("detr", {"normalize": True, "mask": True}, f32, None, 8, [(3, 4)], 1, 0, "wide", 1,
+                                "VEC = 4"),
+    "sam-bf16-vec": ("sam", {"gaussian": True}, bf16, None, 16, [1, (2, 3)], 0, 1, "contig", 132, "VEC = 8"),
+    "flexvar-fp32-C150": ("flexvar", {}, f32, [((1, 150, 5, 6), f32)], 150, [1, 2, (3, 7)], 0, 2, "contig", 132,
+                          "VEC = 1"),
+    "flexvar-bf16-vec-fp32grid": ("flexvar", {}, bf16, [((1, 24, 4, 4), f32)], 24, [1, 2, 5], 0, 1, "contig", 1,
+                                  "VEC = 8"),
+    "navit-bf16-fractional": ("navit", {"fractional": True}, bf16, [((5, 12), bf16), ((3, 12), bf16)], 12,
+                              [1, 2, (2, 3)], 0, 1, "transposed", 1, "VEC = 1"),
+    "navit-fp16-offset": ("navit", {}, f16, [((3, 16), f16), ((3, 16), f16)], 16, [1, (3, 3)], 0, 0, "offset", 132,
+                          "VEC = 1"),
+    "pix2struct-fp16x-fp32tables": ("pix2struct", {}, f16, [((4, 33), f32), ((5, 33), f32)], 33,
+                                    [(3, 4)], 0, 0, "contig", 132, "VEC = 1"),
+}
+
+
+@pytest.mark.parametrize("case", list(POS_EMBED_CASES))
+def test_pos_embed(emu_pos_embed, case):
+    kind, opts, xdt, shapes, C, scales, prefix, start, layout, sms, variant = POS_EMBED_CASES[case]
+    torch.manual_seed(len(case))
+    emu_pos_embed.emu_set_num_sms(sms)  # 1 SM: the batch is split over grid.z
+    sc = pyr_ref.normalize_scales(scales)
+    B = 3
+    n = prefix + pyr_ref.pyramid_length(sc) - start
+    opts = dict(opts)
+    if opts.pop("mask", False):
+        mask = torch.zeros(B, *sc[0], dtype=torch.bool)
+        mask[0, -1:] = True
+        mask[2, :, 2:] = True
+        opts["mask"] = mask
+    if opts.pop("gaussian", False):
+        opts["gaussian"] = torch.randn(2, C // 2) * 2
+    tables = tuple(torch.randn(*s, dtype=dt).requires_grad_() for s, dt in (shapes or ()))
+    x = _pyr_x(B, n, C, xdt, layout).requires_grad_()
+    # The op layer's own argument building (the public function resolves "cuda" only on CUDA tensors).
+    full = dict(temperature=10000.0, interleave=False, reverse_coord=False, normalize=False, scale=2 * math.pi,
+                fractional=False)
+    full.update({k: v for k, v in opts.items() if k in full})
+    rows = PE._validate(x, kind, sc, start, tables, opts.get("gaussian"), opts.get("mask"), prefix, full)[2]
+    static = PE._static_inputs(kind, sc, rows, prefix, full, "mask" in opts, C, x.device)
+
+    def run():
+        return PE._fwd_op(*PE._op_args(kind, x, tables, opts.get("gaussian"), opts.get("mask"), start, prefix,
+                                       full, static, "cuda"))
+
+    out = run()
+    _ran(emu_pos_embed, variant)
+    exp = pe_ref.pos_embed_add(x, kind, sc, start=start, tables=tables, num_prefix_tokens=prefix, **opts)
+    assert out.dtype == exp.dtype
+    _close(out, exp, FWD_TOL[out.dtype], "out")
+    if not tables:
+        return
+    g = torch.randn(B, n, C, dtype=out.dtype)
+    leaves = [x, *tables]
+    got = torch.autograd.grad(out, leaves, g)
+    _ran(emu_pos_embed, "pos_embed_bwd_tokens_kernel", "pos_embed_bwd_table_kernel")
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    o = pe_ref.pos_embed_add(ref_leaves[0], kind, sc, start=start, tables=tuple(ref_leaves[1:]),
+                             num_prefix_tokens=prefix, **opts)
+    exp_grads = torch.autograd.grad(o, ref_leaves, g.double())
+    for i, (leaf, a, e) in enumerate(zip(leaves, got, exp_grads)):
+        assert a.dtype == leaf.dtype and a.shape == leaf.shape
+        # a table row sums up to B * n rounded gradients
+        _close(a, e, FWD_TOL[leaf.dtype] * (4 if i else 1), f"grad {i}")
+    again = torch.autograd.grad(run(), leaves, g)
+    for a, b in zip(got, again):
+        assert torch.equal(a, b)

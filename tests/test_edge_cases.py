@@ -25,6 +25,7 @@ import torch.nn.functional as F
 import posenc_fast as pf
 from posenc_fast import _backends, _checks, _cuda
 from posenc_fast.nn.attention import FusedSelfAttention
+from posenc_fast.ops import pos_embed as PE
 from posenc_fast.ops import pyramid as P
 from posenc_fast.reference import pyramid as pyr_ref
 from posenc_fast.reference import rope as rope_ref
@@ -35,7 +36,7 @@ BACKENDS = ("reference", "triton", "cuda")
 
 
 class _AllFamilies:
-    """The three emulated family modules as one ``posenc_fast._C``."""
+    """The emulated family modules as one ``posenc_fast._C``."""
 
     def __init__(self, modules):
         self._libs = [_EmulatedLib(m) for m in modules]
@@ -62,7 +63,7 @@ def backend(request, monkeypatch):
     builds = request.getfixturevalue("emu_builds")
     reports = request.getfixturevalue("sanitizer_dir")
     # test_cuda_emulation's per-family setup (build, load once, sanitizer check at
-    # teardown), then one library object over the three families.
+    # teardown), then one library object over the families.
     uses = [_use(family, builds, reports, monkeypatch) for family in FAMILIES]
     modules = [next(u) for u in uses]
     original = _backends.unavailable_reason
@@ -310,6 +311,29 @@ def test_nan_inf_masks_qkv_proj(backend, rope):
         _assert_same_masks(a, e, f"qkv_proj {name}")
 
 
+@pytest.mark.parametrize("kind", ["flexvar", "navit", "mae"])
+def test_nan_inf_masks_pos_embed(backend, kind):
+    dev = backend.device
+    gen = torch.Generator().manual_seed(5)
+    sc = [1, 2, (2, 3)]
+    L, C = 11, 24
+    x = _poke(_rand(3, L, C, device=dev), gen, 12)
+    if kind == "flexvar":
+        tables = (_poke(_rand(1, C, 4, 4, device=dev), gen, 3),)
+        eager = x + torch.cat([F.interpolate(tables[0], size=hw, mode="area").flatten(2).transpose(1, 2)
+                               for hw in [(1, 1), (2, 2), (2, 3)]], dim=1)
+    elif kind == "navit":
+        tables = (_poke(_rand(3, C, device=dev), gen, 2), _poke(_rand(3, C, device=dev), gen, 2))
+        r = torch.tensor([0, 0, 0, 1, 1, 0, 0, 0, 1, 1, 1], device=dev)
+        c = torch.tensor([0, 0, 1, 0, 1, 0, 1, 2, 0, 1, 2], device=dev)
+        eager = x + tables[0][r] + tables[1][c]  # NaViT: patches + h_pos + w_pos
+    else:
+        tables = ()
+        eager = x + pf.pos_embed_table("mae", sc, C, device=dev)
+    got = pf.pos_embed_add(x, kind, sc, tables=tables, backend=backend.name)
+    _assert_same_masks(got, eager, f"pos_embed_add {kind}")
+
+
 # ---------------------------------------------------------- 4. degenerate sizes
 
 def test_degenerate_sizes(backend):
@@ -449,6 +473,34 @@ def test_offsets_beyond_int32_qkv_proj_backward(backend):
         torch.testing.assert_close(a.float(), e.float(), atol=3e-2, rtol=3e-2, msg=name)
 
 
+def test_offsets_beyond_int32_pos_embed(backend):
+    """Forward x and backward gradient whose batch offset b * stride(0) passes 2^31."""
+    dev = backend.device
+    sc = [1, 2]
+    L, C, B = 5, 8, 3
+    x = _sparse_view((B, L, C), 0, torch.float16, dev)
+    grid = _rand(1, C, 3, 3, device=dev)
+    exp = pf.pos_embed_add(x.contiguous(), "flexvar", sc, tables=(grid,), backend="reference")
+    got = pf.pos_embed_add(x, "flexvar", sc, tables=(grid,), backend=backend.name)
+    torch.testing.assert_close(got, exp, atol=1e-5, rtol=1e-5)
+    exp = pf.pos_embed_add(x.contiguous(), "sincos_pyramid", sc, backend="reference")
+    torch.testing.assert_close(pf.pos_embed_add(x, "sincos_pyramid", sc, backend=backend.name), exp,
+                               atol=1e-5, rtol=1e-5)
+
+    grad = _sparse_view((B, L, C), 0, torch.float32, dev)
+    leaf = grid.clone().requires_grad_()
+    if backend.name == "reference":
+        out = pf.pos_embed_add(x, "flexvar", sc, tables=(leaf,), backend="reference")
+        (dgrid,) = torch.autograd.grad(out, leaf, grad)
+        dtable = dgrid.reshape(C, -1).t()
+    else:  # the backward op itself, fed the strided gradient as it is
+        tptr, ttok, tw = PE._sparse_map("flexvar", ((1, 1), (2, 2)), 0, (3, 3), False, torch.device(dev))[3:]
+        dtable = PE._bwd_op(grad, tptr, ttok, tw, 0, torch.float32, backend.name)
+    out = pf.pos_embed_add(torch.zeros(B, L, C, device=dev), "flexvar", sc, tables=(leaf,), backend="reference")
+    (want,) = torch.autograd.grad(out, leaf, grad.contiguous())
+    torch.testing.assert_close(dtable, want.reshape(C, -1).t(), atol=1e-5, rtol=1e-5)
+
+
 # ------------------------------------------------------------ 6. zero q_scale
 
 def _qkv_leaves(dev, H=2, D=16, L=6, B=2):
@@ -506,14 +558,16 @@ def _double_backward_cases(dev, name):
     coords = torch.randn(5, 2, device=dev)
     xq = _rand(2, 5, 32, device=dev).requires_grad_()
     w = (_rand(96, 32, device=dev) / 6).requires_grad_()
+    grid = _rand(1, 8, 3, 3, device=dev).requires_grad_()
     return {
         "pyramid_pos_level_add": ((pf.pyramid_pos_level_add(x, pos, lvl, [1, 2], backend=name),), pos),
         "apply_rope": (pf.apply_rope(q, None, coords, freqs, backend=name)[:1], q),
         "qkv_proj": (pf.qkv_proj(xq, w, num_heads=2, qk_l2norm=True, backend=name), xq),
+        "pos_embed_add": ((pf.pos_embed_add(x, "flexvar", [1, 2], tables=(grid,), backend=name),), grid),
     }
 
 
-@pytest.mark.parametrize("op", ["pyramid_pos_level_add", "apply_rope", "qkv_proj"])
+@pytest.mark.parametrize("op", ["pyramid_pos_level_add", "apply_rope", "qkv_proj", "pos_embed_add"])
 def test_double_backward(backend, op):
     outs, leaf = _double_backward_cases(backend.device, backend.name)[op]
     loss = sum((t.float() ** 2).sum() for t in outs)

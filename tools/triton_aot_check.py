@@ -111,6 +111,22 @@ def _drive_ops() -> None:
             backward(pf.pyramid_pos_level_add(x, pos, lvl, patch_nums, sincos_weight=0.5, backend="triton"))
             x = rand(2, 9, 24, dtype=dtype)
             backward(pf.pyramid_pos_level_add(x, pos, lvl, patch_nums, start=5, backend="triton"))
+    # pos_embed_add: fixed kinds (shared and per-image coordinates), learned kinds
+    # (tables in x's dtype or fp32), windows, every dtype.
+    for dtype in dtypes:
+        x = rand(2, L, 24, dtype=dtype)
+        backward(pf.pos_embed_add(x, "mae", patch_nums, backend="triton"))
+        backward(pf.pos_embed_add(x, "sam", patch_nums, gaussian=rand(2, 12, grad=False), backend="triton"))
+        mask = torch.zeros(2, 3, 3, dtype=torch.bool)
+        mask[0, 2:] = True
+        backward(pf.pos_embed_add(rand(2, 9, 24, dtype=dtype), "detr", [3], mask=mask, normalize=True,
+                                  backend="triton"))
+        for table_dtype in {torch.float32, dtype}:
+            grid = rand(1, 24, 4, 4, dtype=table_dtype)
+            backward(pf.pos_embed_add(x, "flexvar", patch_nums, tables=(grid,), backend="triton"))
+            tables = (rand(4, 24, dtype=table_dtype), rand(4, 24, dtype=table_dtype))
+            backward(pf.pos_embed_add(rand(2, 9, 24, dtype=dtype), "pix2struct", patch_nums, start=5, tables=tables,
+                                      backend="triton"))
     # apply_rope / apply_rope_: pairings, k or not, shared / per-head / learnable
     # freqs, 1-3 axes, D/2 a power of two or not.
     coords2 = pf.pyramid_coords(patch_nums, mode="round")

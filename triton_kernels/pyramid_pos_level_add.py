@@ -148,7 +148,7 @@ def pyramid_pos_level_add_bwd(grad, dpos_window, dlvl, chunks, level_chunk_offse
     """Writes ``dpos_window`` (n, C) rows (when not None), every row of ``dlvl`` and ``partial``."""
     B, n, C = grad.shape
     num_chunks = chunks.shape[0]
-    BLOCK_C = min(next_power_of_2(C), 128)
+    BLOCK_C = min(next_power_of_2(C), 64)  # 128 left under a wave's worth of programs at VAR-d16
     BLOCK_B = max(1, min(next_power_of_2(max(B, 1)), 4096 // BLOCK_C))
     has_dpos = dpos_window is not None
     if num_chunks > 0:

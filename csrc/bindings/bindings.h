@@ -202,5 +202,6 @@ inline cudaStream_t as_stream(void* s) { return static_cast<cudaStream_t>(s); }
 PyMethodDef* pyramid_pos_level_add_methods();
 PyMethodDef* rope_methods();
 PyMethodDef* qkv_proj_methods();
+PyMethodDef* pos_embed_add_methods();
 
 }  // namespace posenc_bind

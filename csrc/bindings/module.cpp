@@ -34,7 +34,8 @@ PyMODINIT_FUNC PyInit__C() {
       // Each family's functions live in csrc/bindings/<family>.cpp.
       PyModule_AddFunctions(m, posenc_bind::pyramid_pos_level_add_methods()) < 0 ||
       PyModule_AddFunctions(m, posenc_bind::rope_methods()) < 0 ||
-      PyModule_AddFunctions(m, posenc_bind::qkv_proj_methods()) < 0) {
+      PyModule_AddFunctions(m, posenc_bind::qkv_proj_methods()) < 0 ||
+      PyModule_AddFunctions(m, posenc_bind::pos_embed_add_methods()) < 0) {
     Py_DECREF(m);
     return nullptr;
   }

@@ -1,3 +1,3 @@
-"""Integrations with public model code (VAR)."""
+"""Integrations with public model code (VAR, Infinity)."""
 
-from . import var  # noqa: F401
+from . import infinity, var  # noqa: F401

@@ -21,9 +21,10 @@ from ..reference import pyramid as ref
 from ..reference.pyramid import Scale, normalize_scales, pyramid_length
 
 OP = "pyramid_pos_level_add"
-# Rows per backward chunk: enough programs to fill a GPU at L = 680, few enough
-# that the per-level pass over the partial sums stays negligible.
-_CHUNK_ROWS = 8
+# Rows per backward chunk: 2 gives the row kernels whole waves at the SPEC workloads
+# (tools/kernel_report.py: 0.86-0.97 wave efficiency where 8 rows left 0.3-0.7)
+# while the fp32 chunk partials stay a few % of the gradient's bytes.
+_CHUNK_ROWS = 2
 
 
 def _flat(scales: Tuple[Tuple[int, int], ...]) -> Tuple[int, ...]:

@@ -27,20 +27,26 @@ PyObject* set_report_path(PyObject*, PyObject* arg) {
   Py_RETURN_NONE;
 }
 
-PyObject* take_kernels(PyObject*, PyObject*) {
-  std::lock_guard<std::mutex> g(emu_kernels_mu);
-  PyObject* names = PyList_New(0);
-  for (const std::string& name : emu_kernels) {
-    PyObject* s = names ? PyUnicode_FromString(name.c_str()) : nullptr;
-    if (!s || PyList_Append(names, s) < 0) {
+// The strings of ``items`` as a new Python list, ``items`` emptied.
+template <class Container>
+PyObject* take_strings(Container& items) {
+  PyObject* out = PyList_New(0);
+  for (const std::string& item : items) {
+    PyObject* s = out ? PyUnicode_FromString(item.c_str()) : nullptr;
+    if (!s || PyList_Append(out, s) < 0) {
       Py_XDECREF(s);
-      Py_XDECREF(names);
+      Py_XDECREF(out);
       return nullptr;
     }
     Py_DECREF(s);
   }
-  emu_kernels.clear();
-  return names;
+  items.clear();
+  return out;
+}
+
+PyObject* take_kernels(PyObject*, PyObject*) {
+  std::lock_guard<std::mutex> g(emu_kernels_mu);
+  return take_strings(emu_kernels);
 }
 
 PyObject* set_dry(PyObject*, PyObject* arg) {
@@ -50,20 +56,7 @@ PyObject* set_dry(PyObject*, PyObject* arg) {
   Py_RETURN_NONE;
 }
 
-PyObject* take_launches(PyObject*, PyObject*) {
-  PyObject* out = PyList_New(0);
-  for (const std::string& launch : emu_launches) {
-    PyObject* s = out ? PyUnicode_FromString(launch.c_str()) : nullptr;
-    if (!s || PyList_Append(out, s) < 0) {
-      Py_XDECREF(s);
-      Py_XDECREF(out);
-      return nullptr;
-    }
-    Py_DECREF(s);
-  }
-  emu_launches.clear();
-  return out;
-}
+PyObject* take_launches(PyObject*, PyObject*) { return take_strings(emu_launches); }
 
 PyMethodDef emu_methods[] = {
     {"emu_set_num_sms", set_num_sms, METH_O, "SM count cudaDeviceGetAttribute reports"},

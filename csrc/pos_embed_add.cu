@@ -1,0 +1,200 @@
+// Additive position encodings of the wider family: CUDA kernels (see pos_embed_add.h).
+//
+// Forward: each thread builds the embedding of its (token, channel vector) once in fp32
+// (the weighted learned rows of the token, plus the fixed sinusoid generated from
+// the token's coordinates and the channel's descriptor: no (L, C) table is read),
+// then streams it onto its share of the batch. With per-image coordinates (DETR's
+// padding mask) the fixed part is computed per image.
+// Backward: per (token, channel) the batch sum of the gradient in a fixed order;
+// then per (table row, channel) the weighted sum over the tokens that read the row,
+// in token order. No atomics: results are bit-identical from run to run.
+#include "device_utils.cuh"
+#include "posenc_fast/pos_embed_add.h"
+
+#include <algorithm>
+
+namespace posenc {
+namespace {
+
+__device__ __forceinline__ float load_any(const void* p, int64_t i, DType t) {
+  switch (t) {
+    case DType::kFloat16: return __half2float(static_cast<const __half*>(p)[i]);
+    case DType::kBFloat16: return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
+    default: return static_cast<const float*>(p)[i];
+  }
+}
+
+__device__ __forceinline__ void store_any(void* p, int64_t i, DType t, float v) {
+  switch (t) {
+    case DType::kFloat16: static_cast<__half*>(p)[i] = __float2half_rn(v); return;
+    case DType::kBFloat16: static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(v); return;
+    default: static_cast<float*>(p)[i] = v;
+  }
+}
+
+__device__ __forceinline__ float fixed_value(const float* coords, const float* desc, int64_t g, int64_t c,
+                                             float angle_scale) {
+  const float y = coords[3 * g], x = coords[3 * g + 1], weight = coords[3 * g + 2];
+  const float angle = (y * desc[3 * c] + x * desc[3 * c + 1]) * angle_scale;
+  return weight * (desc[3 * c + 2] != 0.f ? cosf(angle) : sinf(angle));
+}
+
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Pack {
+  T v[N];
+};
+
+// Each thread owns VEC consecutive channels of one token (VEC > 1: one 16-byte
+// load of x and one store of out per batch row).
+template <typename TX, typename TO, int VEC>
+__global__ void pos_embed_fwd_kernel(const PosEmbedFwdArgs a, int64_t batch_per_block) {
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
+  const int64_t c0 = (static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x) * VEC;
+  if (t >= a.n || c0 >= a.C) return;
+  const int64_t g = a.start + t;
+  float emb[VEC];
+#pragma unroll
+  for (int v = 0; v < VEC; ++v) emb[v] = 0.f;
+  if (a.table) {
+    for (int j = a.ptr[g]; j < a.ptr[g + 1]; ++j) {
+      const int64_t row = a.idx[j] * a.table_stride[0];
+#pragma unroll
+      for (int v = 0; v < VEC; ++v)
+        emb[v] += a.w[j] * load_any(a.table, row + (c0 + v) * a.table_stride[1], a.table_dtype);
+    }
+  }
+  const bool per_image = a.coords && a.coords_image_stride != 0;
+  if (a.coords && !per_image) {
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) emb[v] += fixed_value(a.coords, a.desc, g, c0 + v, a.angle_scale);
+  }
+
+  const TX* __restrict__ x = static_cast<const TX*>(a.x);
+  TO* __restrict__ out = static_cast<TO*>(a.out);
+  const int64_t b_begin = static_cast<int64_t>(blockIdx.z) * batch_per_block;
+  const int64_t b_end = b_begin + batch_per_block < a.B ? b_begin + batch_per_block : a.B;
+  for (int64_t b = b_begin; b < b_end; ++b) {
+    float e[VEC];
+#pragma unroll
+    for (int v = 0; v < VEC; ++v)
+      e[v] = emb[v] + (per_image ? fixed_value(a.coords + b * a.coords_image_stride, a.desc, g, c0 + v,
+                                               a.angle_scale)
+                                 : 0.f);
+    const int64_t xo = b * a.x_stride[0] + t * a.x_stride[1];
+    const int64_t oo = (b * a.n + t) * a.C + c0;
+    if constexpr (VEC > 1) {
+      // Host guarantees unit channel stride, C % VEC == 0 and aligned rows.
+      const Pack<TX, VEC> xv = *reinterpret_cast<const Pack<TX, VEC>*>(x + xo + c0);
+      Pack<TO, VEC> ov;
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) ov.v[v] = from_float<TO>(to_float<TX>(xv.v[v]) + e[v]);
+      *reinterpret_cast<Pack<TO, VEC>*>(out + oo) = ov;
+    } else {
+      out[oo] = from_float<TO>(to_float<TX>(x[xo + c0 * a.x_stride[2]]) + e[0]);
+    }
+  }
+}
+
+int num_sms(int device) {
+  static int cached[64] = {0};
+  if (device < 0 || device >= 64) return 108;
+  if (cached[device] == 0)
+    POSENC_CUDA_CHECK(cudaDeviceGetAttribute(&cached[device], cudaDevAttrMultiProcessorCount, device));
+  return cached[device];
+}
+
+template <typename TX, typename TO>
+void launch_fwd(const PosEmbedFwdArgs& a, int device, cudaStream_t stream) {
+  constexpr int kVec = 16 / sizeof(TX);
+  const auto aligned = [](const void* p, size_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; };
+  // The out pack is kVec elements of TO: 32 bytes for 16-bit x with fp32 out, so out
+  // needs that alignment too.
+  const bool vec = a.x_stride[2] == 1 && a.C % kVec == 0 && a.x_stride[0] % kVec == 0 &&
+                   a.x_stride[1] % kVec == 0 && aligned(a.x, alignof(Pack<TX, kVec>)) &&
+                   aligned(a.out, alignof(Pack<TO, kVec>));
+  const int vec_width = vec ? kVec : 1;
+  const int64_t lanes = (a.C + vec_width - 1) / vec_width;
+  const int bx = static_cast<int>(std::min<int64_t>(128, ((lanes + 31) / 32) * 32));
+  const int by = std::max(1, 256 / bx);
+  const unsigned gx = ceil_div(a.n, by), gy = ceil_div(lanes, bx);
+  // Split the batch over grid.z until there are enough blocks to fill the GPU; each
+  // block reuses its embedding for all of its batch rows.
+  const int64_t want_blocks = 8LL * num_sms(device);
+  int64_t chunks = std::min<int64_t>(a.B, std::max<int64_t>(1, want_blocks / (int64_t(gx) * gy)));
+  chunks = std::min<int64_t>(chunks, 65535);
+  const int64_t per_block = (a.B + chunks - 1) / chunks;
+  const dim3 grid(gx, gy, static_cast<unsigned>((a.B + per_block - 1) / per_block));
+  const dim3 block(bx, by);
+  if (vec)
+    pos_embed_fwd_kernel<TX, TO, kVec><<<grid, block, 0, stream>>>(a, per_block);
+  else
+    pos_embed_fwd_kernel<TX, TO, 1><<<grid, block, 0, stream>>>(a, per_block);
+  check_last_launch("pos_embed_fwd_kernel");
+}
+
+template <typename TG>
+__global__ void pos_embed_bwd_tokens_kernel(const PosEmbedBwdArgs a) {
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
+  const int64_t c = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
+  if (t >= a.n || c >= a.C) return;
+  const TG* __restrict__ grad = static_cast<const TG*>(a.grad);
+  const int64_t base = t * a.grad_stride[1] + c * a.grad_stride[2];
+  float s = 0.f;
+  for (int64_t b = 0; b < a.B; ++b) s += to_float<TG>(grad[base + b * a.grad_stride[0]]);
+  a.gtok[t * a.C + c] = s;
+}
+
+__global__ void pos_embed_bwd_table_kernel(const PosEmbedBwdArgs a) {
+  const int64_t k = blockIdx.x;
+  const int64_t c = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
+  if (c >= a.C) return;
+  float acc = 0.f;
+  for (int j = a.tptr[k]; j < a.tptr[k + 1]; ++j) {
+    const int64_t t = static_cast<int64_t>(a.ttok[j]) - a.start;
+    if (t >= 0 && t < a.n) acc += a.tw[j] * a.gtok[t * a.C + c];  // tokens outside the window: no gradient
+  }
+  store_any(a.dtable, k * a.C + c, a.dtable_dtype, acc);
+}
+
+}  // namespace
+
+void pos_embed_add_fwd(const PosEmbedFwdArgs& a, int device, cudaStream_t stream) {
+  POSENC_CHECK_ARG(a.B >= 0 && a.n >= 0 && a.C > 0 && a.start >= 0, "pos_embed_add_fwd: bad sizes");
+  // Empty x / out have null data pointers: nothing to do, and no error.
+  if (a.B == 0 || a.n == 0) return;
+  POSENC_CHECK_ARG(a.x && a.out && (!a.table || (a.ptr && a.idx && a.w)) && (!a.coords || a.desc),
+                   "pos_embed_add_fwd: null pointer");
+  set_device(device);
+  dispatch_dtype(a.x_dtype, "x", [&](auto tx) {
+    using TX = decltype(tx);
+    dispatch_dtype(a.out_dtype, "out", [&](auto to) {
+      using TO = decltype(to);
+      launch_fwd<TX, TO>(a, device, stream);
+    });
+  });
+}
+
+void pos_embed_add_bwd(const PosEmbedBwdArgs& a, int device, cudaStream_t stream) {
+  POSENC_CHECK_ARG(a.B >= 0 && a.n >= 0 && a.C > 0 && a.K >= 0 && a.start >= 0, "pos_embed_add_bwd: bad sizes");
+  // An empty window has a null gradient and workspace; the table rows (zeros) are still written.
+  POSENC_CHECK_ARG((a.K == 0 || (a.dtable && a.tptr)) && (a.n == 0 || a.gtok) && (a.B * a.n == 0 || a.grad),
+                   "pos_embed_add_bwd: null pointer");
+  set_device(device);
+  const int bx = static_cast<int>(std::min<int64_t>(128, ((a.C + 31) / 32) * 32));
+  if (a.n > 0) {
+    dispatch_dtype(a.grad_dtype, "grad", [&](auto tg) {
+      using TG = decltype(tg);
+      const int by = std::max(1, 256 / bx);
+      const dim3 grid(ceil_div(a.n, by), ceil_div(a.C, bx));
+      pos_embed_bwd_tokens_kernel<TG><<<grid, dim3(bx, by), 0, stream>>>(a);
+      check_last_launch("pos_embed_bwd_tokens_kernel");
+    });
+  }
+  if (a.K > 0) {
+    const dim3 grid(static_cast<unsigned>(a.K), ceil_div(a.C, bx));
+    pos_embed_bwd_table_kernel<<<grid, bx, 0, stream>>>(a);
+    check_last_launch("pos_embed_bwd_table_kernel");
+  }
+}
+
+}  // namespace posenc

@@ -1,0 +1,173 @@
+"""Drop-in acceleration of FoundationVision/Infinity's self-attention: ``patch_infinity(module)``.
+
+``patch_infinity`` rebinds, on the given instances only, the ``forward`` of every
+Infinity ``SelfAttention`` found in ``module`` (a whole Infinity model, a block, or one
+attention module). The patched forward keeps Infinity's signature
+``(x, attn_bias_or_two_vector, attn_fn=None, scale_schedule=None, rope2d_freqs_grid=None,
+scale_ind=0)`` and behaviour:
+
+* q, k, v come from one ``qkv_proj`` (the QKV GEMM, q/v bias and zero k bias, with
+  cosine attention the q/k L2 norm and the clamped ``exp(scale_mul_1H11)`` on q --
+  both the (1, H, 1, 1) and the flash-attention (1, 1, H, 1) layouts -- and the head
+  layout), instead of Infinity's linear + view + permute + normalize + mul chain;
+* the 2D RoPE uses the module's own ``rope2d_freqs_grid`` cos/sin tables exactly as
+  Infinity does (rows ``[start, start + L)`` of the schedule's table, the pairs of
+  dims (2j, 2j + 1), fp32 with autocast off), so all three ``rope2d_normalized_by_hw``
+  modes work, mode 1's interpolated tables included. The rotation runs in eager
+  PyTorch after the fused projection: in-kernel table rotations are not built yet;
+* the KV cache, the block-wise mask (an additive bias for SDPA, or the module's own
+  ``flash_attn_func`` with ``VAR_visible_kvlen`` / ``VAR_invisible_qlen`` for a
+  customised-flash build), ``attn_fn`` (flex attention) and ``proj`` are Infinity's.
+
+Parameters, buffers and ``state_dict`` are untouched. The modules are recognised by
+their attributes; no Infinity code is imported. ``unpatch_infinity`` restores them.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import List, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import _backends
+from ..ops.qkv_proj import qkv_proj
+
+_STATE = "_posenc_fast_infinity_patch"  # on the patched root: [(attention module, its previous forward)]
+_BACKEND = "_posenc_fast_backend"
+
+_ATTRS = ("mat_qkv", "q_bias", "v_bias", "zero_k_bias", "num_heads", "head_dim", "cos_attn", "scale", "caching",
+          "cached_k", "cached_v", "kv_caching", "proj", "proj_drop", "using_flash", "pad_to_multiplier",
+          "rope2d_normalized_by_hw", "use_flex_attn")
+
+
+def _is_infinity_attention(m: nn.Module) -> bool:
+    return all(hasattr(m, a) for a in _ATTRS) and isinstance(getattr(m, "mat_qkv", None), nn.Linear)
+
+
+def _check(m: nn.Module, where: str) -> None:
+    C = m.num_heads * m.head_dim
+    if tuple(m.mat_qkv.weight.shape) != (3 * C, C):
+        raise TypeError(f"patch_infinity: {where}: mat_qkv.weight must be (3C, C) = ({3 * C}, {C}) with "
+                        f"num_heads * head_dim = C, got {tuple(m.mat_qkv.weight.shape)}")
+    if m.cos_attn:
+        missing = [a for a in ("scale_mul_1H11", "max_scale_mul") if not hasattr(m, a)]
+        if missing:
+            raise TypeError(f"patch_infinity: {where}: cos_attn=True but missing {', '.join(missing)}")
+        if m.scale_mul_1H11.numel() != m.num_heads:
+            raise TypeError(f"patch_infinity: {where}: scale_mul_1H11 must hold num_heads = {m.num_heads} values")
+    if m.using_flash and "flash_attn_func" not in getattr(type(m).forward, "__globals__", {}):
+        raise TypeError(f"patch_infinity: {where}: a customised-flash build (using_flash=True) whose forward "
+                        f"has no flash_attn_func to call")
+
+
+def _rotate(q: torch.Tensor, k: torch.Tensor, table: torch.Tensor, start: int):
+    """Infinity's rotation with its (2, 1, 1, 1, S, D/2) cos/sin table: rows
+    [start, start + n) along dim 2 of q and k, pairs (2j, 2j + 1), in fp32."""
+    with torch.autocast(q.device.type if q.device.type in ("cuda", "cpu") else "cpu", enabled=False):
+        n = q.shape[2]
+        if start + n > table.shape[4]:
+            raise ValueError(f"patch_infinity: tokens [{start}, {start + n}) exceed the {table.shape[4]} rows of "
+                             f"this schedule's rope table")
+        cos, sin = table[0, 0, :, :, start:start + n], table[1, 0, :, :, start:start + n]  # (1, 1, n, D/2)
+
+        def rot(t):
+            t = t.float().unflatten(-1, (-1, 2))
+            t0, t1 = t[..., 0], t[..., 1]
+            return torch.stack((cos * t0 - sin * t1, sin * t0 + cos * t1), dim=-1).flatten(-2)
+
+        return rot(q), rot(k)
+
+
+def _forward(self, x: torch.Tensor, attn_bias_or_two_vector, attn_fn=None, scale_schedule=None,
+             rope2d_freqs_grid=None, scale_ind: int = 0) -> torch.Tensor:
+    B, L, C = x.shape
+    H = self.num_heads
+    q_scale = None
+    if self.cos_attn:
+        q_scale = self.scale_mul_1H11.clamp_max(self.max_scale_mul).exp().reshape(H)
+    bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
+    q, k, v = qkv_proj(x, self.mat_qkv.weight, bias, num_heads=H, qk_l2norm=bool(self.cos_attn), q_scale=q_scale,
+                       backend=self.__dict__[_BACKEND])  # (B, H, L, D)
+    if self.using_flash:  # Infinity's flash layout: (B, L, H, D), sequence dim 1
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        L_dim = 1
+    else:
+        L_dim = 2
+    if rope2d_freqs_grid is not None:
+        key = str(tuple(scale_schedule))
+        table = rope2d_freqs_grid[key].to(q.device)
+        rope2d_freqs_grid[key] = table  # Infinity moves the cached table to the device the same way
+        start = 0
+        if scale_ind >= 1:
+            start = int(sum(t * h * w for t, h, w in scale_schedule[:scale_ind]))
+        q, k = _rotate(q, k, table, start)
+    if self.caching:
+        if self.cached_k is None:
+            self.cached_k, self.cached_v = k, v
+        else:
+            k = self.cached_k = torch.cat((self.cached_k, k), dim=L_dim)
+            v = self.cached_v = torch.cat((self.cached_v, v), dim=L_dim)
+    if self.using_flash:
+        flash_attn_func = type(self).forward.__globals__["flash_attn_func"]
+        kw = {} if attn_bias_or_two_vector is None else dict(VAR_visible_kvlen=attn_bias_or_two_vector[0],
+                                                            VAR_invisible_qlen=attn_bias_or_two_vector[1])
+        out = flash_attn_func(q.to(v.dtype), k.to(v.dtype), v, dropout_p=0, softmax_scale=self.scale, **kw)
+        out = out.reshape(B, L, C)
+    elif self.use_flex_attn and attn_fn is not None:
+        out = attn_fn(q, k, v, scale=self.scale).transpose(1, 2).reshape(B, L, C)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias_or_two_vector, dropout_p=0,
+                                             scale=self.scale).transpose(1, 2).reshape(B, L, C)
+    return self.proj_drop(self.proj(out))
+
+
+def patch_infinity(module: nn.Module, *, backend: Optional[str] = None) -> nn.Module:
+    """Makes every FoundationVision/Infinity ``SelfAttention`` inside ``module`` (the
+    module itself included) use posenc_fast's fused projection, in place.
+
+    Args:
+        module: an Infinity model, a block, or one attention module.
+        backend: backend of ``qkv_proj``: None (the global choice), "auto", "cuda",
+            "triton" or "reference".
+
+    Returns the same module. Raises TypeError when no Infinity self-attention is found
+    or one is malformed. Patching again only changes the backend.
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"patch_infinity: expected an nn.Module, got {type(module).__name__}")
+    if backend is not None:
+        _backends._check_name(backend, "backend")
+    attns: List[nn.Module] = []
+    for name, m in module.named_modules():
+        if _is_infinity_attention(m):
+            _check(m, name or type(m).__name__)
+            attns.append(m)
+    if not attns:
+        raise TypeError(f"patch_infinity: no FoundationVision/Infinity SelfAttention found in "
+                        f"{type(module).__name__} (a module with {', '.join(_ATTRS)})")
+    state = module.__dict__.setdefault(_STATE, [])
+    known = {id(m) for m, _ in state}
+    for m in attns:
+        if id(m) not in known:
+            state.append((m, m.__dict__.get("forward")))
+        m.__dict__[_BACKEND] = backend
+        m.forward = types.MethodType(_forward, m)
+    return module
+
+
+def unpatch_infinity(module: nn.Module) -> nn.Module:
+    """Restores the attention forwards ``patch_infinity`` replaced; returns the same
+    module. Raises ValueError when ``module`` was not patched by ``patch_infinity``."""
+    saved = getattr(module, "__dict__", {}).pop(_STATE, None)
+    if saved is None:
+        raise ValueError(f"unpatch_infinity: this {type(module).__name__} is not patched by patch_infinity")
+    for m, previous in saved:
+        m.__dict__.pop(_BACKEND, None)
+        if previous is None:
+            m.__dict__.pop("forward", None)
+        else:
+            m.forward = previous
+    return module
