@@ -147,6 +147,10 @@ def _drive_ops() -> None:
                 q, k = rand(2, 3, L, D, dtype=dtype, grad=False), rand(2, 1, L, D, dtype=dtype, grad=False)
                 pf.apply_rope_(q, k, coords3, pf.mrope_freqs(D, (D // 8, D // 8, D // 4)), pairing=pairing,
                                backend="triton")
+                # table-defined rotation (cos/sin per token; no angles)
+                ang = coords2 @ pf.axial_rope_freqs(D)
+                q, k = rand(2, 3, L, D, dtype=dtype), rand(2, 3, L, D, dtype=dtype)
+                backward(*pf.apply_rope(q, k, cos=ang.cos(), sin=ang.sin(), pairing=pairing, backend="triton"))
     # qkv_proj: VAR (l2 norm, q_scale, q/v bias), Infinity (l2 norm + rope), rope
     # without norm, half pairing, per-head freqs, no bias; fp32 with and without TF32.
     H = 2

@@ -40,6 +40,18 @@ def _angles(c_base, scl, sca, f_base, sfa, sfp, offs_l, offs_p, l_ok, p_ok,
 
 
 @triton.jit
+def _table(t_base, stl, plane, offs_l, offs_p, l_ok, p_ok, CONJ: tl.constexpr):
+    """cos and sin of a tile from a (2, ..., L, P) fp32 table (A = 0: table mode)."""
+    m = l_ok[:, None] & p_ok[None, :]
+    off = offs_l[:, None] * stl + offs_p[None, :]
+    cos = tl.load(t_base + off, mask=m, other=0.0)
+    sin = tl.load(t_base + plane + off, mask=m, other=0.0)
+    if CONJ:
+        sin = -sin
+    return cos, sin
+
+
+@triton.jit
 def _tile_mask(l_ok, limit, WIDTH: tl.constexpr, EVEN_P: tl.constexpr):
     # With P a power of two only the token mask remains: constant along D, so the
     # compiler keeps 16-byte vector accesses.
@@ -172,7 +184,9 @@ def _rope_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, qy_ptr, ky_ptr, c_ptr, f_ptr, par
     p_ok = offs_p < P
     b = pid_b.to(tl.int64)
     c_base = c_ptr + b * scb
-    if PER_HEAD:
+    if A == 0:  # table mode: c_ptr holds the (2, B or 1, L, P) cos/sin table, sca its plane stride
+        cos, sin = _table(c_base, scl, sca, offs_l, offs_p, l_ok, p_ok, CONJ)
+    elif PER_HEAD:
         cos, sin = 0.0, 0.0  # computed per head in _rotate_heads
     else:
         cos, sin = _angles(c_base, scl, sca, f_ptr, sfa, sfp, offs_l, offs_p, l_ok, p_ok,
@@ -224,7 +238,9 @@ def apply_rope(q, k, q_out, k_out, coords, coord_strides, freqs, *, interleaved:
     """Rotates q (B, Hq, L, D) into q_out and k (B, Hk, L, D) (or None) into k_out.
 
     coords: fp32 (L, A) or (B or 1, L, A), read through ``coord_strides`` (batch,
-    token, axis; batch stride 0 for shared coords); freqs: fp32
+    token, axis; batch stride 0 for shared coords); or, with freqs (0, P) (no axes), a
+    contiguous (2, B or 1, L, P) cos/sin table with ``coord_strides`` (batch, token,
+    plane); freqs: fp32
     (A, P) or per head (Hq, A, P). ``partial`` (fp32, see ``partial_rows``) turns on
     the d freqs reduction, which needs the forward outputs ``q_saved`` / ``k_saved``
     (k only when k is given); q/k are then the output gradients."""
@@ -246,7 +262,7 @@ def apply_rope(q, k, q_out, k_out, coords, coord_strides, freqs, *, interleaved:
         L, P, Hq, Hk, per, n_h, 2 if Hk else 1,
         *_strides(q), *_strides(kk), *_strides(q_out), *_strides(ko), *_strides(qy), *_strides(ky),
         *coord_strides, *fs,
-        A=A, BLOCK_A=next_power_of_2(A), BLOCK_L=BLOCK_L, BLOCK_P=next_power_of_2(P),
+        A=A, BLOCK_A=max(1, next_power_of_2(A)), BLOCK_L=BLOCK_L, BLOCK_P=next_power_of_2(P),
         INTERLEAVED=interleaved, CONJ=conjugate, PER_HEAD=per_head, DFREQS=dfreqs,
         EVEN_P=P == next_power_of_2(P),
     )

@@ -13,8 +13,10 @@ scale_ind=0)`` and behaviour:
 * the 2D RoPE uses the module's own ``rope2d_freqs_grid`` cos/sin tables exactly as
   Infinity does (rows ``[start, start + L)`` of the schedule's table, the pairs of
   dims (2j, 2j + 1), fp32 with autocast off), so all three ``rope2d_normalized_by_hw``
-  modes work, mode 1's interpolated tables included. The rotation runs in eager
-  PyTorch after the fused projection: in-kernel table rotations are not built yet;
+  modes work, mode 1's interpolated tables included: ``apply_rope`` with ``cos``/``sin``
+  tables, q and k in one launch (the CUDA backend takes angles only: ``auto`` uses
+  Triton for it). A customised-flash build keeps Infinity's own eager rotation, whose
+  (B, L, H, D) layout makes it index the table by head;
 * the KV cache, the block-wise mask (an additive bias for SDPA, or the module's own
   ``flash_attn_func`` with ``VAR_visible_kvlen`` / ``VAR_invisible_qlen`` for a
   customised-flash build), ``attn_fn`` (flex attention) and ``proj`` are Infinity's.
@@ -34,6 +36,7 @@ import torch.nn.functional as F
 
 from .. import _backends
 from ..ops.qkv_proj import qkv_proj
+from ..ops.rope import apply_rope
 
 _STATE = "_posenc_fast_infinity_patch"  # on the patched root: [(attention module, its previous forward)]
 _BACKEND = "_posenc_fast_backend"
@@ -63,15 +66,18 @@ def _check(m: nn.Module, where: str) -> None:
                         f"has no flash_attn_func to call")
 
 
-def _rotate(q: torch.Tensor, k: torch.Tensor, table: torch.Tensor, start: int):
-    """Infinity's rotation with its (2, 1, 1, 1, S, D/2) cos/sin table: rows
-    [start, start + n) along dim 2 of q and k, pairs (2j, 2j + 1), in fp32."""
+def _table_rows(table: torch.Tensor, start: int, n: int):
+    if start + n > table.shape[4]:
+        raise ValueError(f"patch_infinity: tokens [{start}, {start + n}) exceed the {table.shape[4]} rows of "
+                         f"this schedule's rope table")
+    return table[0, 0, 0, 0, start:start + n], table[1, 0, 0, 0, start:start + n]  # (n, D/2) each
+
+
+def _rotate_flash_layout(q: torch.Tensor, k: torch.Tensor, table: torch.Tensor, start: int):
+    """Infinity's rotation of (B, L, H, D) tensors: table rows [start, start + n) along
+    dim 2, pairs (2j, 2j + 1), in fp32, as its code does it for that layout."""
     with torch.autocast(q.device.type if q.device.type in ("cuda", "cpu") else "cpu", enabled=False):
-        n = q.shape[2]
-        if start + n > table.shape[4]:
-            raise ValueError(f"patch_infinity: tokens [{start}, {start + n}) exceed the {table.shape[4]} rows of "
-                             f"this schedule's rope table")
-        cos, sin = table[0, 0, :, :, start:start + n], table[1, 0, :, :, start:start + n]  # (1, 1, n, D/2)
+        cos, sin = _table_rows(table, start, q.shape[2])
 
         def rot(t):
             t = t.float().unflatten(-1, (-1, 2))
@@ -103,7 +109,11 @@ def _forward(self, x: torch.Tensor, attn_bias_or_two_vector, attn_fn=None, scale
         start = 0
         if scale_ind >= 1:
             start = int(sum(t * h * w for t, h, w in scale_schedule[:scale_ind]))
-        q, k = _rotate(q, k, table, start)
+        if self.using_flash:
+            q, k = _rotate_flash_layout(q, k, table, start)
+        else:
+            cos, sin = _table_rows(table, start, q.shape[2])
+            q, k = apply_rope(q, k, cos=cos, sin=sin, backend=self.__dict__[_BACKEND])
     if self.caching:
         if self.cached_k is None:
             self.cached_k, self.cached_v = k, v

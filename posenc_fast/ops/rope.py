@@ -15,6 +15,7 @@ wants.
 
 from __future__ import annotations
 
+import functools
 from typing import Optional, Tuple
 
 import torch
@@ -63,11 +64,29 @@ def _fp32(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == torch.float32 else t.float()
 
 
+@functools.lru_cache(maxsize=64)
+def _no_axes(P: int, device: torch.device) -> torch.Tensor:
+    """The freqs of a table-defined rotation: no axes, (0, P). With it, the kernels
+    read ``coords`` as the (2, B or 1, L, P) cos/sin table (one launch path, one
+    custom-op schema for both kinds of rotation)."""
+    return torch.empty((0, P), dtype=torch.float32, device=device)
+
+
+def _pack_table(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """(2, B or 1, L, P) contiguous fp32 cos/sin table."""
+    t = torch.stack((cos, sin)).to(torch.float32)
+    return (t[:, None] if t.dim() == 3 else t).contiguous()
+
+
 def _launch(q, k, q_out, k_out, coords, freqs, interleaved, conjugate, backend,
             q_saved=None, k_saved=None, dfreqs=None):
     """Runs the rotation kernel; with ``dfreqs`` (fp32, shaped like freqs) also the
-    deterministic d freqs reduction into it, from the saved forward outputs."""
-    cs = _coord_strides(coords)
+    deterministic d freqs reduction into it, from the saved forward outputs. With
+    freqs of no axes, ``coords`` is a packed cos/sin table (``_pack_table``)."""
+    if freqs.shape[-2] == 0:  # (batch, token, plane) strides of the table
+        cs = (coords.stride(1) if coords.shape[1] > 1 else 0, coords.stride(2), coords.stride(0))
+    else:
+        cs = _coord_strides(coords)
     B, Hq, L, D = q.shape
     Hk = 0 if k is None else k.shape[1]
     per_head = freqs.dim() == 3
@@ -256,17 +275,53 @@ def _validate(q, k, coords, freqs, pairing):
     return device
 
 
-def _check_fused(name, q, coords):
+def _validate_table(q, k, cos, sin, pairing):
+    """Checks of a table-defined rotation: cos and sin (L, D/2) or (B, L, D/2)."""
+    _checks.check_tensor("q", q, ndim=4)
+    _checks.check_tensor("k", k, ndim=4, allow_none=True)
+    _checks.check_float_tensor("cos", cos, ndim=(2, 3))
+    _checks.check_float_tensor("sin", sin, ndim=(2, 3))
+    if pairing not in PAIRINGS:
+        raise ValueError(f"pairing must be one of {PAIRINGS}, got {pairing!r}")
+    device = _checks.check_same_device(q=q, k=k, cos=cos, sin=sin)
+    B, Hq, L, D = q.shape
+    if D % 2 or D == 0:
+        raise ValueError(f"the head dim (last dim of q) must be even and positive to form rotation pairs, got {D}")
+    if k is not None:
+        if k.dtype != q.dtype:
+            raise TypeError(f"k must have q's dtype {q.dtype}, got {k.dtype}")
+        if k.shape[0] != B or k.shape[2] != L or k.shape[3] != D:
+            raise ValueError(f"k must be (B={B}, Hk, L={L}, D={D}) like q, got shape {tuple(k.shape)}")
+    if cos.shape != sin.shape:
+        raise ValueError(f"cos and sin must have one shape, got {tuple(cos.shape)} and {tuple(sin.shape)}")
+    want = (L, D // 2) if cos.dim() == 2 else (B, L, D // 2)
+    if tuple(cos.shape) != want:
+        raise ValueError(f"cos and sin must be (L, D/2) = ({L}, {D // 2}) or (B, L, D/2) = ({B}, {L}, {D // 2}), "
+                         f"got {tuple(cos.shape)}")
+    return device
+
+
+def _limits(q, coords, table: bool):
+    """Why each fast kernel cannot take this call (None when it can): ``auto`` skips
+    such a backend, one named explicitly raises ValueError with the reason."""
     D = q.shape[-1]
-    if D > MAX_FUSED_HEAD_DIM:
-        raise ValueError(f"the {name} backend supports head dims up to {MAX_FUSED_HEAD_DIM}, got {D}")
-    if name == "cuda" and coords.shape[-1] > MAX_CUDA_AXES:
-        raise ValueError(f"the cuda backend supports up to {MAX_CUDA_AXES} axes, coords has {coords.shape[-1]}")
+
+    def reason(name: str) -> Optional[str]:
+        if name == "reference":
+            return None
+        if D > MAX_FUSED_HEAD_DIM:
+            return f"the {name} backend supports head dims up to {MAX_FUSED_HEAD_DIM}, got {D}"
+        if name == "cuda" and table:
+            return "the cuda backend has no table-defined (cos/sin) rotation yet; use triton or reference"
+        if name == "cuda" and coords.shape[-1] > MAX_CUDA_AXES:
+            return f"the cuda backend supports up to {MAX_CUDA_AXES} axes, coords has {coords.shape[-1]}"
+        return None
+    return reason
 
 
-def _call_checks(q, k, coords, inplace: bool) -> None:
+def _call_checks(q, k, coords, inplace: bool, table: bool = False) -> None:
     """The checks that depend on more than the call signature (memory, grad mode):
-    run on every call, after the cached ones."""
+    run on every call, after the cached ones. ``coords``: the cos/sin pair of a table."""
     if inplace and not torch.compiler.is_compiling():
         # Each backend writes aliased elements in its own order (rotating some twice):
         # refuse them like eager in-place ops do. (Traced tensors have no addresses;
@@ -274,32 +329,62 @@ def _call_checks(q, k, coords, inplace: bool) -> None:
         _checks.check_writable("q", q)
         _checks.check_writable("k", k)
         _checks.check_disjoint("q", q, "k", k)
-    _checks.check_no_grad("coords", coords, "apply_rope gives no gradient for coordinates (positions)")
+    if table:
+        for name, t in zip(("cos", "sin"), coords):
+            _checks.check_no_grad(name, t, "apply_rope gives no gradient for rotation tables")
+    else:
+        _checks.check_no_grad("coords", coords, "apply_rope gives no gradient for coordinates (positions)")
 
 
-def _plan(q, k, coords, freqs, pairing, backend, inplace: bool = False) -> str:
+def _plan(q, k, coords, freqs, cos, sin, pairing, backend, inplace: bool = False) -> str:
     """The backend that runs this call, after the argument checks (those that depend
     only on the call signature are cached per signature)."""
+    table = cos is not None or sin is not None
+    if table and (coords is not None or freqs is not None):
+        raise ValueError("give either coords and freqs (angles) or cos and sin (tables), not both")
+    if not table and (coords is None or freqs is None):
+        raise TypeError("apply_rope needs coords and freqs, or cos= and sin= tables")
+    a, b = (cos, sin) if table else (coords, freqs)
     requested = _backends.requested_backend(backend)
     try:
-        key = (requested, _fastpath.tensor_key(q), _fastpath.tensor_key(k), _fastpath.tensor_key(coords),
-               _fastpath.tensor_key(freqs), pairing)
+        key = (requested, table, _fastpath.tensor_key(q), _fastpath.tensor_key(k), _fastpath.tensor_key(a),
+               _fastpath.tensor_key(b), pairing)
     except (AttributeError, TypeError):  # not tensors: the checks say what is wrong
         key = None
 
     def build():
-        name = _backends.resolve_backend(OP, requested, _validate(q, k, coords, freqs, pairing))
-        if name != "reference":
-            _check_fused(name, q, coords)
-        return name
+        device = (_validate_table if table else _validate)(q, k, a, b, pairing)
+        return _backends.resolve_backend(OP, requested, device, _limits(q, a, table))
 
     name = _PLANS.get(key, build)
-    _call_checks(q, k, coords, inplace)
+    _call_checks(q, k, (cos, sin) if table else coords, inplace, table)
     return name
 
 
-def apply_rope(q: torch.Tensor, k: Optional[torch.Tensor], coords: torch.Tensor, freqs: torch.Tensor, *,
-               pairing: str = "interleaved",
+def _kernel_inputs(q, coords, freqs, cos, sin):
+    """(coords, freqs) as the kernels take them: fp32 angles inputs, or a packed
+    cos/sin table with freqs of no axes."""
+    if cos is not None:
+        return _pack_table(cos, sin), _no_axes(q.shape[-1] // 2, q.device)
+    return _fp32(coords), _fp32(freqs)
+
+
+def _rotary_split(q, k, rotary_dim) -> bool:
+    """Whether only the first ``rotary_dim`` dims rotate (checked: even, in (0, D])."""
+    if rotary_dim is None:
+        return False
+    _checks.check_tensor("q", q, ndim=4)
+    D = q.shape[-1]
+    _checks.check_int("rotary_dim", rotary_dim, minimum=2)
+    if rotary_dim % 2 or rotary_dim > D:
+        raise ValueError(f"rotary_dim must be even and at most the head dim {D}, got {rotary_dim}")
+    return rotary_dim < D
+
+
+def apply_rope(q: torch.Tensor, k: Optional[torch.Tensor], coords: Optional[torch.Tensor] = None,
+               freqs: Optional[torch.Tensor] = None, *, cos: Optional[torch.Tensor] = None,
+               sin: Optional[torch.Tensor] = None, pairing: str = "interleaved",
+               rotary_dim: Optional[int] = None,
                backend: Optional[str] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Rotary position embedding of q and k (SPEC §2.3): returns new (q, k).
 
@@ -311,18 +396,38 @@ def apply_rope(q: torch.Tensor, k: Optional[torch.Tensor], coords: torch.Tensor,
         freqs: (A, D/2) frequencies shared by all heads (``axial_rope_freqs``,
             ``rope_1d_freqs``, ``mrope_freqs``) or (Hq, A, D/2) per head (RoPE-Mixed,
             then Hk must equal Hq). Angles ``sum_a coords[l, a] * freqs[a, j]`` in fp32.
+        cos, sin: instead of coords and freqs, per-token tables (L, D/2) or
+            (B, L, D/2), any float dtype, applied in fp32: pair j of token l becomes
+            ``(x0 cos - x1 sin, x0 sin + x1 cos)``. For Infinity's mode-1 tables
+            (resampled, so cos^2 + sin^2 != 1) and flash-attn / HF / vLLM-style caches.
+            A 16-bit table has already rounded its values (about 3 significant digits
+            in bf16: angle errors up to ~4e-3 rad): keep tables in fp32. Triton and
+            reference backends (the CUDA kernels take angles only).
         pairing: ``"interleaved"`` (dims 2j, 2j+1; Infinity) or ``"half"`` (dims j,
             j + D/2; NeoX / Qwen2-VL).
+        rotary_dim: partial rotary (flash-attn, TE, vLLM, GPT-NeoX ``rotary_pct``):
+            only dims [0, rotary_dim) rotate, as a head of that size (freqs and tables
+            then have rotary_dim / 2 pairs); the rest pass through. The rotated part
+            and the rest are joined with one copy (not fused into the kernel yet).
         backend: None, "auto", "cuda", "triton" or "reference".
 
     Math in fp32 with autocast off; outputs in the input dtype. Gradients flow to q,
     k and (when it requires grad) freqs; d freqs is a deterministic reduction. coords
-    get none: ValueError when they require grad.
+    and tables get none: ValueError when they require grad.
     """
-    name = _plan(q, k, coords, freqs, pairing, backend)
+    if _rotary_split(q, k, rotary_dim):
+        r = rotary_dim
+        qr, kr = apply_rope(q[..., :r], None if k is None else k[..., :r], coords, freqs, cos=cos, sin=sin,
+                            pairing=pairing, backend=backend)
+        return (torch.cat((qr, q[..., r:]), dim=-1),
+                None if k is None else torch.cat((kr, k[..., r:]), dim=-1))
+    name = _plan(q, k, coords, freqs, cos, sin, pairing, backend)
     if name == "reference":
+        if cos is not None:
+            return ref.apply_rope_table(q, k, cos, sin, pairing=pairing)
         return ref.apply_rope(q, k, coords, freqs, pairing=pairing)
-    args = (q, k, _fp32(coords), _fp32(freqs), pairing == "interleaved", False, name)
+    coords, freqs = _kernel_inputs(q, coords, freqs, cos, sin)
+    args = (q, k, coords, freqs, pairing == "interleaved", False, name)
     if not _fastpath.eager(q, k, coords, freqs):
         q_out, k_out = _rope_op(*args)
     elif _fastpath.needs_autograd(q, k, freqs):
@@ -332,8 +437,10 @@ def apply_rope(q: torch.Tensor, k: Optional[torch.Tensor], coords: torch.Tensor,
     return q_out, (k_out if k is not None else None)
 
 
-def apply_rope_(q: torch.Tensor, k: Optional[torch.Tensor], coords: torch.Tensor, freqs: torch.Tensor, *,
-                pairing: str = "interleaved",
+def apply_rope_(q: torch.Tensor, k: Optional[torch.Tensor], coords: Optional[torch.Tensor] = None,
+                freqs: Optional[torch.Tensor] = None, *, cos: Optional[torch.Tensor] = None,
+                sin: Optional[torch.Tensor] = None, pairing: str = "interleaved",
+                rotary_dim: Optional[int] = None,
                 backend: Optional[str] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """In-place ``apply_rope``: rotates q and k in their own memory and returns them.
 
@@ -343,19 +450,29 @@ def apply_rope_(q: torch.Tensor, k: Optional[torch.Tensor], coords: torch.Tensor
     when q or k has elements sharing memory or q and k share elements; disjoint
     views of one buffer (q and k of a packed qkv tensor) are fine. Without autograd
     q and k are rotated in one launch; with it, in one launch each; with learnable
-    freqs (requires_grad) out of place and copied back.
+    freqs (requires_grad) out of place and copied back. ``cos``/``sin`` tables and
+    ``rotary_dim`` as in ``apply_rope`` (here the pass-through dims are not touched
+    at all: only the views of the rotated dims are written).
     """
-    name = _plan(q, k, coords, freqs, pairing, backend, inplace=True)
+    if _rotary_split(q, k, rotary_dim):
+        r = rotary_dim
+        apply_rope_(q[..., :r], None if k is None else k[..., :r], coords, freqs, cos=cos, sin=sin,
+                    pairing=pairing, backend=backend)
+        return q, k
+    name = _plan(q, k, coords, freqs, cos, sin, pairing, backend, inplace=True)
     if name == "reference":
         # Clones: for fp32 the reference's .float() would alias what copy_ overwrites.
-        q_out, k_out = ref.apply_rope(q.clone(), None if k is None else k.clone(), coords, freqs,
-                                      pairing=pairing)
+        qc, kc = q.clone(), None if k is None else k.clone()
+        if cos is not None:
+            q_out, k_out = ref.apply_rope_table(qc, kc, cos, sin, pairing=pairing)
+        else:
+            q_out, k_out = ref.apply_rope(qc, kc, coords, freqs, pairing=pairing)
         q.copy_(q_out)
         if k is not None:
             k.copy_(k_out)
         return q, k
     interleaved = pairing == "interleaved"
-    c, f = _fp32(coords), _fp32(freqs)
+    c, f = _kernel_inputs(q, coords, freqs, cos, sin)
     if torch.is_grad_enabled() and f.requires_grad:
         # d freqs needs the rotated values, which a later write to the same buffer
         # (k after q in a packed qkv tensor) would clobber: rotate out of place into

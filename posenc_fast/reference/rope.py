@@ -246,3 +246,20 @@ def apply_rope(q: torch.Tensor, k: Optional[torch.Tensor], coords: torch.Tensor,
         q_out = rotate(q, cos, sin, pairing)
         k_out = None if k is None else rotate(k, cos, sin, pairing)
     return q_out, k_out
+
+
+def apply_rope_table(q: torch.Tensor, k: Optional[torch.Tensor], cos: torch.Tensor, sin: torch.Tensor, *,
+                     pairing: str = "interleaved") -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Rotates q and k by per-token tables instead of angles: pair j of token l
+    becomes ``(x0 cos[l, j] - x1 sin[l, j], x0 sin[l, j] + x1 cos[l, j])``. cos and sin
+    (L, D/2) or (B, L, D/2), any float dtype, applied in fp32; they need not satisfy
+    cos^2 + sin^2 = 1 (Infinity's mode-1 tables are resampled, not rotations).
+    Differentiable in q and k."""
+    device_type = q.device.type if q.device.type in ("cuda", "cpu", "xpu") else "cpu"
+    with torch.autocast(device_type=device_type, enabled=False):
+        wide = torch.promote_types(torch.promote_types(cos.dtype, sin.dtype), torch.float32)
+        c, s = cos.to(wide), sin.to(wide)
+        c, s = (c[:, None], s[:, None]) if c.dim() == 3 else (c, s)  # (B, 1, L, P) or (L, P)
+        q_out = rotate(q, c, s, pairing)
+        k_out = None if k is None else rotate(k, c, s, pairing)
+    return q_out, k_out
