@@ -184,25 +184,40 @@ def cases(device: torch.device, quick: bool):
             yield "qkv_proj", f"VAR attention input (B={B}, n={n}, C={Cq}, H={Hq})" + (" autocast bf16" if amp else ""), \
                 fused, eager, ctx
 
-    # Patched VAR's whole attention forward at one sampling scale (KV cache on),
-    # against VAR's own forward of the same module.
-    for n in ((1,) if quick else (1, 4)):
+    # Patched VAR's whole attention forward at one sampling scale (KV cache on, the
+    # scales before it cached), against VAR's own forward of the same module (which
+    # grows its cache by torch.cat).
+    for si in ((0,) if quick else (0, 1)):
+        n, start = PATCH_NUMS[si] ** 2, BEGIN[si]
         x = torch.randn(B, n, Cq, device=device, dtype=dt)
         eager_attn = _var_attention(Cq, Hq, device, dt)
+        eager_attn.kv_caching(True)
+        prefix = tuple(torch.randn(B, Hq, start, Cq // Hq, device=device, dtype=dt) for _ in range(2))
         patched = {}
         for b in ("triton", "cuda"):
-            m = _var_attention(Cq, Hq, device, dt)
-            m.forward = types.MethodType(
-                lambda self, x, attn_bias, b=b: var_integration.self_attention_forward(self, x, attn_bias, backend=b),
-                m)
-            patched[b] = m
+            m = patch_var_attention(_var_attention(Cq, Hq, device, dt), b)
+            m.kv_caching(True)
+            m(torch.randn(B, max(start, 1), Cq, device=device, dtype=dt), None)  # allocates the cache
+            cached = (m.cached_k[:, :, :start], m.cached_v[:, :, :start]) if start else (None, None)
+            patched[b] = (m, cached)
 
-        def run(m, x=x):
-            m.kv_caching(True)  # a fresh cache each call: the step of the first scale
+        def run(m, cached, x=x):
+            m.cached_k, m.cached_v = cached  # the scales before this one are in the cache
             return m(x, None)
 
-        yield "patched VAR attention", f"one block, sampling (B={B}, n={n}, C={Cq}, H={Hq}, cached)", \
-            {b: (lambda m=m: run(m)) for b, m in patched.items()}, (lambda: run(eager_attn)), contextlib.nullcontext
+        eager_cached = prefix if start else (None, None)
+        yield "patched VAR attention", f"one block, sampling scale {si} (B={B}, n={n}, C={Cq}, H={Hq}, cached)", \
+            {b: (lambda m=m, c=c: run(m, c)) for b, (m, c) in patched.items()}, \
+            (lambda: run(eager_attn, eager_cached)), contextlib.nullcontext
+
+
+def patch_var_attention(attn, backend: str):
+    """What patch_var does to one block's attention (forward, kv_caching, the cache length = VAR's L)."""
+    attn.forward = types.MethodType(
+        lambda self, x, attn_bias: var_integration.self_attention_forward(self, x, attn_bias, backend=backend), attn)
+    attn.kv_caching = types.MethodType(var_integration._attn_kv_caching, attn)
+    attn.__dict__[var_integration.KV_LEN] = BEGIN[-1] + PATCH_NUMS[-1] ** 2
+    return attn
 
 
 def main(argv: Optional[List[str]] = None) -> List[Dict[str, object]]:

@@ -156,7 +156,8 @@ qkv_fwd_kernel(const QkvProjFwdArgs a, bool vec) {
       }
     }
   }
-  T* dst = static_cast<T*>(s == 0 ? a.q : (s == 1 ? a.k : a.v)) + ((b * H + h) * L + l) * D;
+  const int64_t* os = s == 0 ? a.q_stride : (s == 1 ? a.k_stride : a.v_stride);
+  T* dst = static_cast<T*>(s == 0 ? a.q : (s == 1 ? a.k : a.v)) + b * os[0] + h * os[1] + l * os[2];
 #pragma unroll
   for (int i = 0; i < PPL; ++i) {
     const int p = lane + i * kWarp;
@@ -354,8 +355,11 @@ void qkv_proj_fwd(const QkvProjFwdArgs& a, int device, cudaStream_t stream) {
   dispatch_dtype(a.dtype, "qkv", [&](auto tag) {
     using T = decltype(tag);
     const size_t v2 = 2 * sizeof(T);
-    const bool vec = !a.rope.half_pairing && a.qkv_row_stride % 2 == 0 && aligned(a.qkv, v2) &&
-                     aligned(a.q, v2) && aligned(a.k, v2) && aligned(a.v, v2);
+    bool even = a.qkv_row_stride % 2 == 0;  // every row start keeps the 2-vector alignment
+    for (int i = 0; i < 3; ++i) even = even && a.q_stride[i] % 2 == 0 && a.k_stride[i] % 2 == 0 &&
+                                       a.v_stride[i] % 2 == 0;
+    const bool vec = !a.rope.half_pairing && even && aligned(a.qkv, v2) && aligned(a.q, v2) &&
+                     aligned(a.k, v2) && aligned(a.v, v2);
     dispatch_ppl(a.D, [&](auto ppl) {
       qkv_fwd_kernel<T, decltype(ppl)::value>
           <<<ceil_div(warps, kFwdWarpsPerBlock), kFwdWarpsPerBlock * kWarp, 0, stream>>>(a, vec);

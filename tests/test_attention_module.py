@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import DEVICE, fast_backends
-from posenc_fast.nn.attention import FusedSelfAttention, block_causal_bias
+from posenc_fast.nn.attention import KV_CACHE, FusedSelfAttention, block_causal_bias
 from var_model import SelfAttention, build_var_shaped, infinity_rope_cache, infinity_style_attention
 
 BACKENDS = ["reference"] + fast_backends()  # the backend tests run on DEVICE: CUDA when there is one
@@ -94,7 +94,7 @@ def test_kv_cache_equals_block_causal_mask(backend, rope):
                    seed=1, scale_mul=[0.5, 3.0, 5.0]).to(DEVICE).eval()
     x = torch.randn(4, L, C, device=DEVICE)  # a CFG-doubled batch is just a batch here
     full = m(x, block_causal_bias(PATCH_NUMS, device=DEVICE))
-    m.kv_caching(True)
+    m.kv_caching(True, max_len=None if rope else L)
     parts, begin = [], 0
     with torch.no_grad():
         for pn in PATCH_NUMS:
@@ -104,6 +104,42 @@ def test_kv_cache_equals_block_causal_mask(backend, rope):
     assert rel_err(torch.cat(parts, dim=1), full) <= 1e-5
     m.kv_caching(False)
     assert m.cached_k is None and m.cached_v is None and not m.caching
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kv_cache_is_one_buffer_pair_per_run(backend):
+    """The cache is allocated at the first scale from its batch (L_max = max_len, or
+    the tokens of rope_scales), appended to in place, kept across runs of the same
+    batch (kv_caching(True) rewinds it), reallocated for another batch, freed by
+    kv_caching(False)."""
+    C, H = 128, 2  # D = 64
+    m = randomize_(FusedSelfAttention(C, H, rope=True, rope_scales=PATCH_NUMS, backend=backend), seed=3)
+    m = m.to(DEVICE).eval()
+
+    def run(B):
+        m.kv_caching(True)
+        x = torch.randn(B, L, C, device=DEVICE)
+        buffers = []
+        with torch.no_grad():
+            begin = 0
+            for pn in PATCH_NUMS:
+                m(x[:, begin:begin + pn * pn])
+                begin += pn * pn
+                buffers.append(m.__dict__[KV_CACHE])
+                assert m.cached_k.data_ptr() == buffers[-1][0].data_ptr() and m.cached_k.shape[2] == begin
+        assert all(b is buffers[0] for b in buffers)
+        assert buffers[0][0].shape == (B, H, L, C // H)
+        return buffers[0]
+
+    first = run(3)
+    assert run(3) is first
+    assert run(1) is not first
+    m.kv_caching(False)
+    assert KV_CACHE not in m.__dict__
+    with pytest.raises(ValueError, match="needs max_len"):
+        FusedSelfAttention(C, H).kv_caching(True)
+    with pytest.raises(ValueError, match="max_len must be >= 1"):
+        m.kv_caching(True, max_len=0)
 
 
 def test_explicit_coords_override_the_table():
@@ -223,3 +259,52 @@ def test_loads_infinity_flash_layout_of_scale_mul():
     bad = dict(sd, scale_mul_1H11=torch.zeros(1, 3, 1, 2))
     with pytest.raises(RuntimeError, match="size mismatch for scale_mul_1H11"):
         dst.load_state_dict(bad)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_cuda_graph_per_scale_equals_eager(backend):
+    """An Infinity-style stack (2D RoPE, l2 norm) sampled scale by scale: each scale
+    captured in a CUDA graph (static shapes and cache addresses) and replayed on new
+    inputs equals eager sampling."""
+    C, H, B = 256, 2, 3  # D = 128
+    layers = [randomize_(FusedSelfAttention(C, H, rope=True, rope_scales=PATCH_NUMS, backend=backend), seed=i)
+              .cuda().eval() for i in range(2)]
+
+    def stack(x):
+        for m in layers:
+            x = x + m(x)
+        return x
+
+    def sample(xs):
+        for m in layers:
+            m.kv_caching(True)
+        return [stack(x) for x in xs]
+
+    def inputs():
+        return [torch.randn(B, pn * pn, C, device="cuda") for pn in PATCH_NUMS]
+
+    with torch.no_grad():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            sample(inputs())
+        torch.cuda.current_stream().wait_stream(side)
+        for m in layers:
+            m.kv_caching(True)  # rewind; the buffers stay where the graphs will write them
+        static = [torch.zeros_like(x) for x in inputs()]
+        pool = torch.cuda.graph_pool_handle()
+        graphs, outs = [], []
+        for s in static:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                outs.append(stack(s))
+            graphs.append(graph)
+        xs = inputs()
+        for x, s, graph in zip(xs, static, graphs):
+            s.copy_(x)
+            graph.replay()
+        want = sample(xs)
+    torch.cuda.synchronize()
+    for a, w in zip(outs, want):
+        torch.testing.assert_close(a, w)

@@ -572,6 +572,50 @@ def test_qkv_proj(emu_qkv, case):
 
 
 
+# id: B, L (this scale's tokens), cache_start, L_max, H, D, dtype, rope, cache layout
+#     ("BHLD": contiguous; "BLHD": a (B, L_max, H, D) buffer seen as (B, H, L_max, D);
+#     "padded": head rows of D + 1 elements, odd strides, so the scalar store path runs)
+QKV_CACHE_CASES = {
+    "VAR-first-scale": (3, 1, 0, 14, 2, 64, f32, False, "BHLD"),
+    "VAR-bf16-mid": (1, 9, 5, 17, 2, 64, bf16, False, "BLHD"),
+    "Infinity-rope-last-rows": (3, 4, 10, 14, 1, 128, f16, True, "padded"),
+}
+
+
+@pytest.mark.parametrize("case", list(QKV_CACHE_CASES))
+def test_qkv_proj_kv_cache_append(emu_qkv, case):
+    """The epilogue writes k, v straight into the cache rows [start, start + n): equal
+    to the plain outputs, every other row untouched (NaN poison stays)."""
+    B, L, start, L_max, H, D, dtype, rope, layout = QKV_CACHE_CASES[case]
+    torch.manual_seed(len(case))
+    C = H * D
+    x = torch.randn(B, L, C, dtype=dtype)
+    w = (torch.randn(3 * C, C) / C ** 0.5).to(dtype)
+    b = (torch.randn(3 * C) * 0.5).to(dtype)
+    q_scale = torch.rand(H) + 0.5
+    coords = torch.randn(L, 2) * 5 if rope else None
+    freqs = torch.rand(2, D // 2) if rope else None
+
+    def cache():
+        if layout == "BLHD":
+            return torch.full((B, L_max, H, D), float("nan"), dtype=dtype).transpose(1, 2)
+        if layout == "padded":
+            return torch.full((B, H, L_max, D + 1), float("nan"), dtype=dtype)[..., :D]
+        return torch.full((B, H, L_max, D), float("nan"), dtype=dtype)
+
+    kc, vc = cache(), cache()
+    q = Q._cached_op(x, w, b, q_scale, coords, freqs, kc, vc, start, H, True, False, "cuda")
+    _ran(emu_qkv, f"qkv_fwd_kernel(posenc::QkvProjFwdArgs, bool) [with T = {_CTYPE[dtype]}")
+    q0, k0, v0, _ = Q._fwd_op(x, w, b, q_scale, coords, freqs, H, True, False, "cuda")
+    assert torch.equal(q, q0)
+    assert torch.equal(kc[:, :, start:start + L], k0) and torch.equal(vc[:, :, start:start + L], v0)
+    for t in (kc, vc):
+        assert t[:, :, :start].isnan().all() and t[:, :, start + L:].isnan().all()
+    exp = qkv_ref.qkv_proj(x, w, b, num_heads=H, qk_l2norm=True, q_scale=q_scale, coords=coords, freqs=freqs)
+    for name, a, e in zip("qkv", (q, kc[:, :, start:start + L], vc[:, :, start:start + L]), exp):
+        _close(a, e, 2 * FWD_TOL[dtype], name)
+
+
 # -------------------------------------------------------------- pos_embed
 
 # id: kind, options, x dtype, learned table shapes (dtype), C, scales, prefix, start, x layout, SMs,

@@ -3,7 +3,7 @@ their torch.library custom op (direct call without autograd, an autograd.Functio
 with it), cache their argument checks per signature, and still give the reference's
 numbers; under tracing (make_fx, torch.compile) the custom op is what gets traced.
 The op counts below are the host-overhead guard: a fused call must stay one output
-allocation plus its launch."""
+allocation plus its launch (with a KV cache: q, plus the returned cache views)."""
 
 import pytest
 import torch
@@ -175,3 +175,20 @@ def test_sampling_calls_dispatch_only_their_output_allocations(backend, monkeypa
         ops = _aten_ops(lambda: pf.qkv_proj(xq, w, b, num_heads=4, qk_l2norm=True, backend=backend))
         want = ["aten::empty"] * 4 + ([] if backend == "triton" else ["aten::linear"])
         assert ops == want, ops  # q, k, v, inverse norms (+ cuBLAS GEMM for cuda)
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_cached_sampling_calls_dispatch_only_q_and_the_cache_views(backend, monkeypatch):
+    """The same guard for qkv_proj with a KV cache: k and v go into the caches, so
+    the call allocates q (and the inverse norms) and returns two views."""
+    pytest.importorskip("triton")
+    from launch_stubs import stubbed_device_work
+
+    monkeypatch.setattr(pf._checks, "_POISON", False)
+    xq, w, b = _qkv_args()
+    kc, vc = (torch.empty(2, 4, 20, 16) for _ in range(2))
+    with torch.no_grad(), stubbed_device_work():
+        ops = _aten_ops(lambda: pf.qkv_proj(xq, w, b, num_heads=4, qk_l2norm=True, kv_cache=(kc, vc), cache_start=7,
+                                            backend=backend))
+    want = ["aten::empty"] * 2 + ([] if backend == "triton" else ["aten::linear"]) + ["aten::slice"] * 2
+    assert ops == want, ops

@@ -516,16 +516,20 @@ def test_cuda_extension_exposes_kernels_and_checks_arguments():
     lib = cuda_library()
     assert lib.qkv_proj_bwd_rows_per_chunk() > 0
     rope = ([0, 0, 0], 0, [0, 0], 0, False)
+    s = [8, 8, 8]  # output strides (b, h, l)
     # Argument errors from the C++ core arrive as ValueError before any CUDA call.
     with pytest.raises(ValueError, match="head_dim must be even"):
-        lib.qkv_proj_fwd(0, 0, 0, 0, 0, 0, *rope, 0, 0, 0, 0, 1, 1, 1, 3, 0, 0)
+        lib.qkv_proj_fwd(0, 0, 0, 0, 0, 0, *rope, 0, s, 0, s, 0, s, 0, 1, 1, 1, 3, 0, 0)
     with pytest.raises(ValueError, match="1 to 4 axes"):
-        lib.qkv_proj_fwd(8, 24, 0, 0, 0, 8, [0, 1, 1], 8, [0, 2], 5, False, 8, 8, 8, 0, 1, 1, 1, 8, 0, 0)
+        lib.qkv_proj_fwd(8, 24, 0, 0, 0, 8, [0, 1, 1], 8, [0, 2], 5, False, 8, s, 8, s, 8, s, 0, 1, 1, 1, 8, 0,
+                         0)
     with pytest.raises(ValueError, match="dq_stride needs 4"):
         lib.qkv_proj_bwd(8, [1], 8, [1, 1, 1, 1], 8, [1, 1, 1, 1], 0, 0, 0, 0, 0, 0, *rope, 8, 0, 0, 0,
                          1, 1, 1, 8, 0, 0)
     with pytest.raises(ValueError, match="dtype code"):
-        lib.qkv_proj_fwd(8, 24, 0, 9, 0, 0, *rope, 8, 8, 8, 0, 1, 1, 1, 8, 0, 0)
+        lib.qkv_proj_fwd(8, 24, 0, 9, 0, 0, *rope, 8, s, 8, s, 8, s, 0, 1, 1, 1, 8, 0, 0)
+    with pytest.raises(ValueError, match="k_stride needs 3"):
+        lib.qkv_proj_fwd(8, 24, 0, 0, 0, 0, *rope, 8, s, 8, [1, 1], 8, s, 0, 1, 1, 1, 8, 0, 0)
 
 
 # ---------------------------------------------------------------- GPU only

@@ -157,6 +157,71 @@ def test_kv_cached_sampling_same_tokens(backend, cfg, spies):
         assert not b.attn.caching and b.attn.cached_k is None and b.attn.cached_v is None
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sampling_appends_to_one_cache_per_run_without_cat(backend, monkeypatch):
+    """Patched sampling: each block's (B, H, L, D) cache pair is allocated at the first
+    scale and written in place at every scale (cached_k / cached_v are its views, at
+    the same addresses), no 4-D torch.cat runs (unpatched VAR runs 2 per block and
+    scale after the first), and kv_caching(False) frees the cache."""
+    ref, fast = make_pair(backend, **CONFIGS["l2norm_C96_H3"])
+    ref.eval(), fast.eval()
+    cats = []
+    real_cat = torch.cat
+
+    def cat(tensors, *a, **kw):
+        cats.append(tuple(t.dim() for t in tensors))
+        return real_cat(tensors, *a, **kw)
+
+    monkeypatch.setattr(torch, "cat", cat)
+    seen = []
+
+    def hook(attn, inputs, out):
+        kc, vc = attn.__dict__[attention_mod.KV_CACHE]
+        seen.append((attn, kc, vc, attn.cached_k, attn.cached_v))
+
+    hooks = [b.attn.register_forward_hook(hook) for b in fast.blocks]
+    tok_fast, _ = sample_tokens(fast, 2, g_seed=5, cfg=1.5, top_k=8)
+    for h in hooks:
+        h.remove()
+    assert not any(dims == (4, 4) for dims in cats), cats
+    cats.clear()
+    tok_ref, _ = sample_tokens(ref, 2, g_seed=5, cfg=1.5, top_k=8)
+    S = len(ref.patch_nums)
+    assert sum(dims == (4, 4) for dims in cats) == 2 * ref.depth * (S - 1)  # the spy sees VAR's cats
+    assert all(torch.equal(a, b) for a, b in zip(tok_fast, tok_ref))
+    ends = [sum(pn * pn for pn in ref.patch_nums[:i + 1]) for i in range(S)]
+    for i, b in enumerate(fast.blocks):
+        rows = [r for r in seen if r[0] is b.attn]
+        assert len(rows) == S
+        first_k, first_v = rows[0][1], rows[0][2]
+        assert first_k.shape == (4, b.attn.num_heads, ref.L, b.attn.head_dim)
+        for (_, kc, vc, k, v), end in zip(rows, ends):
+            assert kc is first_k and vc is first_v  # allocated once per run
+            assert k.data_ptr() == kc.data_ptr() and v.data_ptr() == vc.data_ptr() and k.shape[2] == end
+        assert attention_mod.KV_CACHE not in b.attn.__dict__  # kv_caching(False) freed it
+
+
+def test_sampling_with_a_gradient_is_refused():
+    """The cache has no backward: caching with grad mode on and trainable weights is
+    a clear error, not a silently detached graph."""
+    _, fast = make_pair(**CONFIGS["l2norm_C96_H3"])
+    attn = fast.blocks[0].attn
+    attn.kv_caching(True)
+    with pytest.raises(RuntimeError, match="kv_cache is for sampling and has no backward"):
+        attn(torch.randn(2, 1, fast.C, device=DEVICE), None)
+    attn.kv_caching(False)
+
+
+def test_caching_without_a_cache_length_is_a_clear_error():
+    """self_attention_forward on a VAR attention that patch_var did not set up has no
+    cache length to allocate: a ValueError that says how to get one."""
+    model = build_var_shaped(**CONFIGS["plain_C64_H2"])
+    attn = model.blocks[0].attn
+    attn.kv_caching(True)
+    with torch.no_grad(), pytest.raises(ValueError, match="needs the cache length: patch the model with patch_var"):
+        attention_mod.self_attention_forward(attn, torch.randn(2, 1, model.C), None)
+
+
 def test_sampling_with_random_labels_and_other_seed_differs():
     ref, fast = make_pair(**CONFIGS["l2norm_C96_H3"])
     ref.eval(), fast.eval()
@@ -206,6 +271,8 @@ def test_unpatch_restores_original_methods():
     assert unpatch_var(fast) is fast
     assert not is_patched(fast)
     assert "forward" not in fast.__dict__ and not any("forward" in b.attn.__dict__ for b in fast.blocks)
+    assert not any(k in b.attn.__dict__ for b in fast.blocks
+                   for k in ("kv_caching", attention_mod.KV_CACHE, attention_mod.KV_LEN))
     label, x = teacher_inputs(ref)
     torch.manual_seed(0)
     want = ref(label, x)
@@ -337,3 +404,70 @@ def test_autocast_on_gpu_is_as_accurate_as_unpatched(dtype, cfg):
         tok_fast, img_fast = sample_tokens(fast, 2, g_seed=3)
     assert [t.shape for t in tok_fast] == [t.shape for t in tok_ref] and img_fast.shape == img_ref.shape
     assert torch.isfinite(img_fast).all()
+
+
+def _capture_scales(blocks, static_inputs, cond):
+    """The CUDA-graph recipe (README, "Sampling with CUDA graphs"): after an eager
+    warm-up run, rewind the caches (kv_caching(True) keeps the buffers) and capture
+    one graph per scale of the block stack; replays write the same cache rows."""
+    for b in blocks:
+        b.attn.kv_caching(True)
+    pool = torch.cuda.graph_pool_handle()
+    graphs, outs = [], []
+    for x in static_inputs:
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, pool=pool):
+            h = x
+            for b in blocks:
+                h = b(x=h, cond_BD=cond, attn_bias=None)
+            outs.append(h)
+        graphs.append(g)
+    return graphs, outs
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_cuda_graph_sampling_scales_equal_eager(backend):
+    """Patched VAR-shaped blocks captured per scale and replayed over the pyramid on
+    new inputs give what eager sampling (patched, and unpatched VAR with its cat
+    cache) gives for the same inputs: same logits, hence the same sampled tokens."""
+    ref, fast = make_pair(backend, device="cuda", **CONFIGS["l2norm_C96_H3"])
+    ref.eval(), fast.eval()
+    B = 3
+    g = torch.Generator(device="cuda").manual_seed(0)
+    cond_BD = torch.randn(B, ref.D, device="cuda", generator=g)
+
+    def inputs():
+        return [torch.randn(B, pn * pn, ref.C, device="cuda", generator=g) for pn in ref.patch_nums]
+
+    def eager(model, xs):
+        cond = model.shared_ada_lin(cond_BD)
+        for b in model.blocks:
+            b.attn.kv_caching(True)
+        outs = []
+        for x in xs:
+            for b in model.blocks:
+                x = b(x=x, cond_BD=cond, attn_bias=None)
+            outs.append(model.get_logits(x, cond_BD))
+        return outs
+
+    with torch.no_grad():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up: autotuning, cuBLAS, the cached q_scale / bias
+            eager(fast, inputs())
+        torch.cuda.current_stream().wait_stream(side)
+        static = [torch.zeros_like(x) for x in inputs()]
+        cond = fast.shared_ada_lin(cond_BD)
+        graphs, outs = _capture_scales(fast.blocks, static, cond)
+        for _ in range(2):  # replays reuse the cache rows run after run
+            xs = inputs()
+            got = []
+            for x, s, graph, out in zip(xs, static, graphs, outs):
+                s.copy_(x)
+                graph.replay()
+                got.append(fast.get_logits(out, cond_BD))
+            want_fast, want_ref = eager(fast, xs), eager(ref, xs)
+            for a, w, r in zip(got, want_fast, want_ref):
+                torch.testing.assert_close(a, w)
+                assert rel_err(a, r) <= 1e-4

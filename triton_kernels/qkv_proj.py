@@ -17,6 +17,12 @@ contiguous run. Chosen over two accumulators (twice the epilogue's live
 registers) without GPU measurements: the simpler of the two options the issue
 names; ``half`` vs ``interleaved`` timings in bench/ tell whether the permute costs.
 
+Outputs: q contiguous; k and v any (B, H, L, D) views of one layout with contiguous
+head rows. With a KV cache they are the caller's (B, H, L_max, D) caches and the
+store writes the rows ``[kv_start, kv_start + L)``: the append is the store itself,
+no copy afterwards. (q keeps its fixed layout and k, v share one set of strides:
+fewer live values in the epilogue, which must not start spilling.)
+
 Backward (``qkv_proj_bwd``): one pass over dq, dk, dv writes the packed dQKV
 (M, 3C) that the two GEMMs dX = dQKV W and dW = dQKV^T x (done by the caller)
 consume. For q/k tiles it recovers the post-norm, pre-rotation vectors from the
@@ -88,8 +94,8 @@ def _cos_sin(coords_ptr, c_off, sca, freqs_ptr, f_off, sfa, NUM_AXES: tl.constex
 @triton.jit
 def _fwd_kernel(x_ptr, w_ptr, bias_ptr, qs_ptr, coords_ptr, freqs_ptr,
                 q_ptr, k_ptr, v_ptr, rstd_ptr,
-                M, L, K, H, m_class,
-                sxb, sxl, sxk, swn, swk, scb, scl, sca, sfh, sfa,
+                M, L, K, H, m_class, kv_start,
+                sxb, sxl, sxk, swn, swk, scb, scl, sca, sfh, sfa, skvb, skvh, skvl,
                 D: tl.constexpr, HEADS: tl.constexpr, NUM_AXES: tl.constexpr,
                 HAS_BIAS: tl.constexpr, HAS_QSCALE: tl.constexpr, L2NORM: tl.constexpr,
                 ROPE: tl.constexpr, HALF: tl.constexpr, IEEE: tl.constexpr,
@@ -164,8 +170,16 @@ def _fwd_kernel(x_ptr, w_ptr, bias_ptr, qs_ptr, coords_ptr, freqs_ptr,
 
     # Natural column order for the store, so that each head row is a contiguous run.
     c = tl.arange(0, BLOCK_N)
-    off = ((bidx * H * L + lidx) * D)[:, None] + ((head0 + c // D).to(tl.int64) * L * D + c % D)[None, :]
+    head = (head0 + c // D).to(tl.int64)
     out = _from_pairs(acc, BLOCK_M, HEADS, D, HALF).to(q_ptr.dtype.element_ty)
+    # q is contiguous (B, H, L, D); k and v share one layout whose rows start at
+    # kv_start (a KV-cache window). Scalars picked per tile, one offset tensor.
+    is_q = section == 0
+    sb = tl.where(is_q, H * L * D, skvb)
+    sh = tl.where(is_q, L * D, skvh)
+    sl = tl.where(is_q, D, skvl)
+    l0 = tl.where(is_q, 0, kv_start)
+    off = (bidx * sb + (lidx + l0) * sl)[:, None] + (head * sh + c % D)[None, :]
     if section == 0:
         tl.store(q_ptr + off, out, mask=row_ok[:, None])
     elif section == 1:
@@ -342,11 +356,13 @@ def _tf32_allowed() -> bool:
 def qkv_proj_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                  q_scale: Optional[torch.Tensor], coords: Optional[torch.Tensor], freqs: Optional[torch.Tensor],
                  q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rstd: Optional[torch.Tensor], *,
-                 num_heads: int, half_pairing: bool) -> None:
-    """Writes q, k, v (contiguous (B, H, L, D)) and, when ``rstd`` (2, M, H) fp32 is
-    given, the inverse norms (l2 norm on). x (B, L, C) any strides; weight (3C, C)
-    any strides; bias (3C,) contiguous; q_scale (H,) fp32; coords (L, A) or
-    (B, L, A) fp32; freqs (A, D/2) or (H, A, D/2) fp32, last dim contiguous."""
+                 num_heads: int, half_pairing: bool, kv_start: int = 0) -> None:
+    """Writes q (contiguous (B, H, L, D)) and the rows [kv_start, kv_start + L) of k
+    and v ((B, H, >= kv_start + L, D), both with the same strides, head rows
+    contiguous) and, when ``rstd`` (2, M, H) fp32 is given, the inverse norms.
+    x (B, L, C) any strides; weight (3C, C) any strides; bias (3C,) contiguous;
+    q_scale (H,) fp32; coords (L, A) or (B, L, A) fp32; freqs (A, D/2) or
+    (H, A, D/2) fp32, last dim contiguous."""
     B, L, C = x.shape
     H = num_heads
     D = C // H
@@ -358,9 +374,9 @@ def qkv_proj_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     ieee = x.dtype == torch.float32 and not _tf32_allowed()
     args = (x, weight, q if bias is None else bias, q if q_scale is None else q_scale, coords_t, freqs_t,
             q, k, v, q if rstd is None else rstd,
-            M, L, C, H, int(M >= LARGE_M),
+            M, L, C, H, int(M >= LARGE_M), kv_start,
             x.stride(0), x.stride(1), x.stride(2), weight.stride(0), weight.stride(1),
-            scb, scl, sca, sfh, sfa)
+            scb, scl, sca, sfh, sfa, *k.stride()[:3])
     flags = dict(D=D, HEADS=HEADS, NUM_AXES=A, HAS_BIAS=bias is not None, HAS_QSCALE=q_scale is not None,
                  L2NORM=rstd is not None, ROPE=coords is not None, HALF=bool(half_pairing), IEEE=ieee)
     num_n = 3 * H // HEADS

@@ -23,18 +23,21 @@ posenc::QkvRopeArgs rope_args(Args& p, int first) {
 PyObject* fwd(PyObject*, PyObject* const* args, Py_ssize_t nargs, PyObject* kwnames) {
   static const char* const names[] = {
       "qkv", "qkv_row_stride", "bias", "dtype", "q_scale", "coords", "coords_stride", "freqs", "freqs_stride",
-      "num_axes", "half_pairing", "q", "k", "v", "rstd", "B", "L", "H", "D", "device", "stream"};
+      "num_axes", "half_pairing", "q", "q_stride", "k", "k_stride", "v", "v_stride", "rstd", "B", "L", "H", "D",
+      "device", "stream"};
   Args p("qkv_proj_fwd", names, args, nargs, kwnames);
   posenc::QkvProjFwdArgs a{};
   a.qkv = p.ptr(0); a.qkv_row_stride = p.i64(1);
   a.bias = p.ptr(2); const int dtype = p.i32(3);
   a.q_scale = static_cast<const float*>(p.ptr(4));
   a.rope = rope_args(p, 5);
-  a.q = p.ptr(11); a.k = p.ptr(12); a.v = p.ptr(13);
-  a.rstd = static_cast<float*>(p.ptr(14));
-  a.B = p.i64(15); a.L = p.i64(16); a.H = p.i64(17); a.D = p.i64(18);
-  const int device = p.i32(19);
-  cudaStream_t stream = as_stream(p.ptr(20));
+  a.q = p.ptr(11); p.strides(12, a.q_stride, 3, "B, H, L");
+  a.k = p.ptr(13); p.strides(14, a.k_stride, 3, "B, H, L");
+  a.v = p.ptr(15); p.strides(16, a.v_stride, 3, "B, H, L");
+  a.rstd = static_cast<float*>(p.ptr(17));
+  a.B = p.i64(18); a.L = p.i64(19); a.H = p.i64(20); a.D = p.i64(21);
+  const int device = p.i32(22);
+  cudaStream_t stream = as_stream(p.ptr(23));
   if (p.failed()) return nullptr;
   return call_core([&] {
     a.dtype = as_dtype(dtype);
@@ -79,7 +82,8 @@ PyObject* bwd(PyObject*, PyObject* const* args, Py_ssize_t nargs, PyObject* kwna
 PyMethodDef* qkv_proj_methods() {
   static PyMethodDef methods[] = {
       {"qkv_proj_fwd", method(fwd), kFastCall,
-       "packed qkv GEMM output -> bias, l2 norm, q_scale, rope, (B, H, L, D) q, k, v (see qkv_proj.h)"},
+       "packed qkv GEMM output -> bias, l2 norm, q_scale, rope, (B, H, L, D) q, k, v or KV-cache windows "
+       "(see qkv_proj.h)"},
       {"qkv_proj_bwd_rows_per_chunk", rows_per_chunk, METH_NOARGS,
        "tokens per chunk of the backward's partial sums"},
       {"qkv_proj_bwd", method(bwd), kFastCall,

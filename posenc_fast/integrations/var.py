@@ -7,7 +7,11 @@
 * ``SelfAttention.forward`` of every block: q, k, v come from one ``qkv_proj``
   (q/v bias, zero k bias, l2 norm with the clamped per-head scale or VAR's
   ``0.25 / sqrt(D)`` score scale), attention is ``scaled_dot_product_attention``
-  with VAR's block-causal mask in training and VAR's KV cache in sampling.
+  with VAR's block-causal mask in training and VAR's KV cache in sampling;
+* ``SelfAttention.kv_caching``: the KV cache becomes one (B, H, L, D) buffer pair
+  per block, allocated at the first scale of a sampling run (L = the model's
+  pyramid) and written in place by ``qkv_proj`` at every scale instead of growing
+  by ``torch.cat``; ``kv_caching(False)`` frees it.
 
 Everything else (parameters, buffers, ``state_dict`` keys, the modules, dropout,
 train/eval, ``autoregressive_infer_cfg``) is the model's own. The model is
@@ -24,17 +28,18 @@ import torch
 import torch.nn as nn
 
 from .. import _backends
-from ..nn.attention import _PARAMS_CACHE, self_attention_forward
+from ..nn.attention import _PARAMS_CACHE, KV_CACHE, KV_LEN, reset_kv_cache, self_attention_forward
 from ..ops.pyramid import pyramid_pos_level_add
 
 # The patch bookkeeping lives on the instances (deep copies of a patched model stay
 # patched and can be unpatched); plain attributes, not parameters, buffers or modules.
-_STATE = "_posenc_fast_var_patch"  # on the model: [(module, its previous instance forward)]
+_STATE = "_posenc_fast_var_patch"  # on the model: [(module, {method: its previous instance attribute})]
 _BACKEND = "_posenc_fast_backend"  # on every patched module: the backend of its fused ops
 
 _VAR_ATTRS = ("patch_nums", "L", "first_l", "begin_ends", "prog_si", "num_classes", "cond_drop_rate",
               "class_emb", "pos_start", "pos_1LC", "lvl_embed", "lvl_1L", "word_embed", "shared_ada_lin",
               "blocks", "attn_bias_for_masking", "get_logits", "autoregressive_infer_cfg")
+_ATTN_METHODS = ("forward", "kv_caching")
 _ATTN_ATTRS = ("mat_qkv", "q_bias", "v_bias", "zero_k_bias", "num_heads", "head_dim", "attn_l2_norm", "scale",
                "caching", "cached_k", "cached_v", "kv_caching", "proj", "proj_drop", "attn_drop")
 
@@ -122,19 +127,25 @@ def _attn_forward(self, x: torch.Tensor, attn_bias: Optional[torch.Tensor]) -> t
     return self_attention_forward(self, x, attn_bias, backend=getattr(self, _BACKEND))
 
 
-def _bind(module: nn.Module, fn, backend: Optional[str]) -> None:
-    # A method bound to the instance (no closure, no partial): copy.deepcopy rebinds
-    # it to the copy and torch.compile traces it like a class-defined forward.
+def _attn_kv_caching(self, enable: bool) -> None:
+    reset_kv_cache(self, enable)
+
+
+def _bind(module: nn.Module, backend: Optional[str], **methods) -> None:
+    # Methods bound to the instance (no closure, no partial): copy.deepcopy rebinds
+    # them to the copy and torch.compile traces them like class-defined ones.
     module.__dict__[_BACKEND] = backend
-    module.forward = types.MethodType(fn, module)
+    for name, fn in methods.items():
+        setattr(module, name, types.MethodType(fn, module))
 
 
 def patch_var(model: nn.Module, *, backend: Optional[str] = None) -> nn.Module:
     """Makes a FoundationVision/VAR ``VAR`` model use posenc_fast's fused kernels, in place.
 
     Rebinds ``model.forward`` (the embedding add becomes ``pyramid_pos_level_add``)
-    and the ``forward`` of every ``model.blocks[i].attn`` (``qkv_proj`` + SDPA with
-    VAR's mask and KV cache) on these instances. Parameters, buffers, ``state_dict``,
+    and the ``forward`` and ``kv_caching`` of every ``model.blocks[i].attn``
+    (``qkv_proj`` + SDPA with VAR's mask; in sampling a KV cache of the model's L
+    tokens allocated once per run and appended to in place) on these instances. Parameters, buffers, ``state_dict``,
     modules, dropout and train/eval state are untouched, so checkpoints load as
     before and ``autoregressive_infer_cfg`` works unchanged. Patch before wrapping the
     model (DDP, FSDP, ``torch.compile``). Patching a patched model only changes its
@@ -151,10 +162,12 @@ def patch_var(model: nn.Module, *, backend: Optional[str] = None) -> nn.Module:
         _backends._check_name(backend, "backend")
     attns = _check_var(model)
     if _STATE not in model.__dict__:
-        model.__dict__[_STATE] = [(m, m.__dict__.get("forward")) for m in [model, *attns]]
-    _bind(model, _var_forward, backend)
+        model.__dict__[_STATE] = [(m, {name: m.__dict__.get(name) for name in names})
+                                  for m, names in [(model, ("forward",))] + [(a, _ATTN_METHODS) for a in attns]]
+    _bind(model, backend, forward=_var_forward)
     for attn in attns:
-        _bind(attn, _attn_forward, backend)
+        _bind(attn, backend, forward=_attn_forward, kv_caching=_attn_kv_caching)
+        attn.__dict__[KV_LEN] = model.L
     return model
 
 
@@ -169,11 +182,12 @@ def unpatch_var(model: nn.Module) -> nn.Module:
     saved = getattr(model, "__dict__", {}).pop(_STATE, None)
     if saved is None:
         raise ValueError(f"unpatch_var: this {type(model).__name__} is not patched by patch_var")
-    for module, previous in saved:
-        module.__dict__.pop(_BACKEND, None)
-        module.__dict__.pop(_PARAMS_CACHE, None)
-        if previous is None:
-            module.__dict__.pop("forward", None)
-        else:
-            module.forward = previous
+    for module, methods in saved:
+        for attr in (_BACKEND, _PARAMS_CACHE, KV_CACHE, KV_LEN):
+            module.__dict__.pop(attr, None)
+        for name, previous in methods.items():
+            if previous is None:
+                module.__dict__.pop(name, None)
+            else:
+                setattr(module, name, previous)
     return model

@@ -7,6 +7,17 @@ from one ``qkv_proj`` call (GEMM + bias + l2 norm + per-head scale + optional 2D
 + head layout); attention is ``scaled_dot_product_attention``. ``patch_var`` runs the
 same computation on the attention modules of an unmodified VAR model
 (``self_attention_forward``).
+
+KV cache (scale-by-scale sampling): one (k, v) pair of (B, H, L_max, D) buffers per
+module, allocated at the first cached call of a sampling run (B from that call,
+L_max the whole pyramid) and kept until ``kv_caching(False)``. Each scale's
+``qkv_proj`` writes its k, v into the rows after the cached ones, and attention runs
+on the views ``cache[:, :, :start + n]`` (SDPA without a mask: a query scale sees
+every cached key, which is VAR's block-causal mask). So no scale copies the cache
+(VAR's ``torch.cat`` re-copies it at every scale), and every scale's step has the
+same shapes and addresses in every run, which CUDA graphs need. (The alternative,
+attending over all L_max rows with a mask, would give one shape for all scales but
+make the coarse scales read the whole cache; per-scale shapes are what capture needs.)
 """
 
 from __future__ import annotations
@@ -19,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import _checks
-from ..ops.qkv_proj import qkv_proj
+from ..ops.qkv_proj import _autocast_dtype, qkv_proj
 from ..reference.rope import PAIRINGS, axial_rope_freqs, normalize_scales, pyramid_coords
 
 
@@ -35,6 +46,8 @@ def block_causal_bias(patch_nums: Sequence, *, dtype: torch.dtype = torch.float3
 
 
 _PARAMS_CACHE = "_posenc_fast_qkv_params"  # instance attribute: (key, q_scale, bias)
+KV_CACHE = "_posenc_fast_kv_cache"  # instance attribute: (k_cache, v_cache) of the sampling run
+KV_LEN = "_posenc_fast_kv_len"  # instance attribute: L_max, the tokens of the whole pyramid
 
 
 def _projection_params(attn: nn.Module):
@@ -59,6 +72,56 @@ def _projection_params(attn: nn.Module):
     return q_scale, bias
 
 
+def _kv_buffers(attn: nn.Module, x: torch.Tensor, start: int):
+    """The module's (k_cache, v_cache): allocated at the first scale of a sampling run,
+    (B, H, L_max, D) in qkv_proj's output dtype; reused while they fit."""
+    kv = attn.__dict__.get(KV_CACHE)
+    if start > 0:
+        return kv
+    B = x.shape[0]
+    H = attn.num_heads
+    dtype = _autocast_dtype(x.device.type) or x.dtype
+    L_max = attn.__dict__.get(KV_LEN)
+    if L_max is None:
+        raise ValueError(f"{type(attn).__name__}: KV caching needs the cache length: patch the model with "
+                         f"patch_var, or call FusedSelfAttention.kv_caching(True, max_len=...)")
+    shape = (B, H, L_max, attn.head_dim)
+    if kv is None or kv[0].shape != shape or kv[0].dtype != dtype or kv[0].device != x.device:
+        attn.__dict__[KV_CACHE] = None  # free the old pair before allocating the new one
+        kv = tuple(torch.empty(shape, dtype=dtype, device=x.device) for _ in range(2))
+        attn.__dict__[KV_CACHE] = kv
+    return kv
+
+
+def reset_kv_cache(attn: nn.Module, enable: bool) -> None:
+    """``kv_caching(enable)``: VAR's flags; the buffers stay allocated while caching
+    stays on (a new run rewinds to row 0) and are freed by ``kv_caching(False)``."""
+    attn.caching, attn.cached_k, attn.cached_v = enable, None, None
+    if not enable:
+        attn.__dict__.pop(KV_CACHE, None)
+
+
+def attention_qkv(attn: nn.Module, x: torch.Tensor, *, coords: Optional[torch.Tensor] = None,
+                  freqs: Optional[torch.Tensor] = None, pairing: str = "interleaved",
+                  backend: Optional[str] = None):
+    """q, k, v (B, H, *, D) of a module with VAR's ``SelfAttention`` attributes. While
+    caching, ``qkv_proj`` writes this scale's k, v into the module's (B, H, L_max, D)
+    buffers (``attn.__dict__[KV_LEN]`` gives L_max) and k, v are the views of the rows
+    so far, kept as ``cached_k`` / ``cached_v``. Caching has no backward: sample under
+    ``torch.no_grad()``."""
+    q_scale, bias = _projection_params(attn)
+    kv, start = None, 0
+    if attn.caching:
+        start = 0 if attn.cached_k is None else attn.cached_k.shape[2]
+        kv = _kv_buffers(attn, x, start)
+    q, k, v = qkv_proj(x, attn.mat_qkv.weight, bias, num_heads=attn.num_heads, qk_l2norm=attn.attn_l2_norm,
+                       q_scale=q_scale, coords=coords, freqs=freqs, pairing=pairing, kv_cache=kv,
+                       cache_start=start, backend=backend)
+    if attn.caching:
+        attn.cached_k, attn.cached_v = k, v
+    return q, k, v
+
+
 def self_attention_forward(attn: nn.Module, x: torch.Tensor, attn_bias: Optional[torch.Tensor], *,
                            coords: Optional[torch.Tensor] = None, freqs: Optional[torch.Tensor] = None,
                            pairing: str = "interleaved", backend: Optional[str] = None) -> torch.Tensor:
@@ -66,18 +129,10 @@ def self_attention_forward(attn: nn.Module, x: torch.Tensor, attn_bias: Optional
 
     x (B, L, C); attn_bias: the block-causal additive mask in training, None when the
     KV cache is on (a query scale then sees every cached key, which is the same mask).
-    The cache holds post-norm (and rotated) k and raw v, (B, H, L, D), appended per scale.
+    The cache holds post-norm (and rotated) k and raw v (``attention_qkv``).
     """
     B, L, C = x.shape
-    H = attn.num_heads
-    q_scale, bias = _projection_params(attn)
-    q, k, v = qkv_proj(x, attn.mat_qkv.weight, bias, num_heads=H, qk_l2norm=attn.attn_l2_norm,
-                       q_scale=q_scale, coords=coords, freqs=freqs, pairing=pairing, backend=backend)
-    if attn.caching:
-        if attn.cached_k is not None:
-            k = torch.cat((attn.cached_k, k), dim=2)
-            v = torch.cat((attn.cached_v, v), dim=2)
-        attn.cached_k, attn.cached_v = k, v
+    q, k, v = attention_qkv(attn, x, coords=coords, freqs=freqs, pairing=pairing, backend=backend)
     dropout_p = attn.attn_drop if attn.training else 0.0
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, dropout_p=dropout_p, scale=attn.scale)
     return attn.proj_drop(attn.proj(out.transpose(1, 2).reshape(B, L, C)))
@@ -108,7 +163,11 @@ class FusedSelfAttention(nn.Module):
 
     ``forward(x, attn_bias=None, coords=None)``: x (B, L, C); attn_bias an additive
     (1, 1, L, L) mask (``block_causal_bias``) or None; returns (B, L, C).
-    ``kv_caching(True)`` starts scale-by-scale sampling: each call appends its k, v.
+    ``kv_caching(True, max_len=None)`` starts scale-by-scale sampling (under
+    ``torch.no_grad()``): each call appends its k, v to a cache of ``max_len`` tokens
+    (default: the tokens of ``rope_scales``), allocated at the first call from its
+    batch, written in place by ``qkv_proj`` (no ``torch.cat``);
+    ``kv_caching(False)`` frees it.
 
     Checkpoints: ``scale_mul_1H11`` is (1, H, 1, 1); Infinity models built with its
     customized flash attention store it as (1, 1, H, 1), which ``load_state_dict``
@@ -188,8 +247,15 @@ class FusedSelfAttention(nn.Module):
             state_dict[key] = value.reshape(1, H, 1, 1)  # Infinity's flash-attention layout
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def kv_caching(self, enable: bool) -> None:
-        self.caching, self.cached_k, self.cached_v = enable, None, None
+    def kv_caching(self, enable: bool, max_len: Optional[int] = None) -> None:
+        if enable:
+            if max_len is None:
+                if self.rope_scales is None:
+                    raise ValueError("kv_caching(True) needs max_len (the tokens of the whole pyramid) for a "
+                                     "FusedSelfAttention without rope_scales")
+                max_len = self.rope_coords.shape[0]
+            self.__dict__[KV_LEN] = _checks.check_positive_int("max_len", max_len)
+        reset_kv_cache(self, enable)
 
     def forward(self, x: torch.Tensor, attn_bias: Optional[torch.Tensor] = None, *,
                 coords: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -9,6 +9,11 @@ choice -> either the reference (plain autograd) or the custom op
 * ``cuda``: the GEMM through cuBLAS (``F.linear`` without bias), then one
   hand-written epilogue kernel over the packed (M, 3C) result.
 
+KV-cache append (sampling, no autograd): with ``kv_cache=(k_cache, v_cache)`` the
+same kernels store k and v straight into the rows [cache_start, cache_start + n)
+of the caller's (B, H, L_max, D) caches (custom op ``posenc_fast::qkv_proj_cached``,
+which mutates them) and only q is allocated; no separate k/v, no ``torch.cat``.
+
 Backward (custom op ``posenc_fast::qkv_proj_backward`` + two GEMMs): one kernel
 turns dq, dk, dv into the packed dQKV, then ``dX = dQKV W`` and ``dW = dQKV^T x``.
 Saved for backward: x, W, the per-(row, head) inverse norms and the outputs q and
@@ -25,7 +30,7 @@ its backward.
 from __future__ import annotations
 
 import contextlib
-from typing import Optional, Tuple
+from typing import Hashable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -49,38 +54,78 @@ def _rope_strides(coords: Optional[torch.Tensor], freqs: Optional[torch.Tensor])
     return [cb, coords.stride(-2), coords.stride(-1)], [fh, freqs.stride(-2)], coords.shape[-1]
 
 
+def _launch(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], q_scale: Optional[torch.Tensor],
+            coords: Optional[torch.Tensor], freqs: Optional[torch.Tensor], q: torch.Tensor, k: torch.Tensor,
+            v: torch.Tensor, kv_start: int, rstd: torch.Tensor, num_heads: int, qk_l2norm: bool, half_pairing: bool,
+            backend: str) -> None:
+    """The forward kernels: q (B, H, L, D) and the rows [kv_start, kv_start + L) of k
+    and v ((B, H, >= kv_start + L, D)); any strides with contiguous head rows."""
+    B, L, C = x.shape
+    H = num_heads
+    if backend == "triton":
+        from ..triton_kernels import qkv_proj as tk
+
+        tk.qkv_proj_fwd(x, weight, bias, q_scale, coords, freqs, q, k, v, rstd if qk_l2norm else None,
+                        num_heads=H, half_pairing=half_pairing, kv_start=kv_start)
+    elif backend == "cuda":
+        qkv = F.linear(x, weight)  # cuBLAS, (B, L, 3C) contiguous; the bias is added by the epilogue
+        cs, fs, axes = _rope_strides(coords, freqs)
+        # The cache window is a pointer offset: no slicing op on the host.
+        k_off = kv_start * k.stride(2) * k.element_size()
+        v_off = kv_start * v.stride(2) * v.element_size()
+        _cuda.lib().qkv_proj_fwd(
+            qkv.data_ptr(), qkv.stride(1), _cuda.ptr(bias), _cuda.dtype_code(qkv), _cuda.ptr(q_scale),
+            _cuda.ptr(coords), cs, _cuda.ptr(freqs), fs, axes, half_pairing,
+            _cuda.ptr(q), q.stride()[:3], _cuda.ptr(k) + k_off, k.stride()[:3], _cuda.ptr(v) + v_off,
+            v.stride()[:3], _cuda.ptr(rstd) if qk_l2norm else 0, B, L, H, C // H, x.device.index,
+            _cuda.stream(x.device))
+    else:
+        raise ValueError(f"posenc_fast::{OP} has no kernel for backend {backend!r}")
+
+
+def _rstd(M: int, H: int, qk_l2norm: bool, dev: torch.device) -> torch.Tensor:
+    """The per-(row, head) inverse norms (their presence also tells the kernels to normalise)."""
+    return (_checks.empty((2, M, H), dtype=torch.float32, device=dev) if qk_l2norm
+            else torch.empty((0,), dtype=torch.float32, device=dev))
+
+
 def _forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], q_scale: Optional[torch.Tensor],
             coords: Optional[torch.Tensor], freqs: Optional[torch.Tensor], num_heads: int, qk_l2norm: bool,
             half_pairing: bool, backend: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     B, L, C = x.shape
     H = num_heads
-    D = C // H
-    M = B * L
     dev = x.device
-    q, k, v = (_checks.empty((B, H, L, D), dtype=x.dtype, device=dev) for _ in range(3))
-    rstd = (_checks.empty((2, M, H), dtype=torch.float32, device=dev) if qk_l2norm
-            else torch.empty((0,), dtype=torch.float32, device=dev))
-    if M == 0:
-        return q, k, v, rstd
-    if backend == "triton":
-        from ..triton_kernels import qkv_proj as tk
-
-        tk.qkv_proj_fwd(x, weight, bias, q_scale, coords, freqs, q, k, v, rstd if qk_l2norm else None,
-                        num_heads=H, half_pairing=half_pairing)
-    elif backend == "cuda":
-        qkv = F.linear(x, weight)  # cuBLAS, (B, L, 3C) contiguous; the bias is added by the epilogue
-        cs, fs, axes = _rope_strides(coords, freqs)
-        _cuda.lib().qkv_proj_fwd(
-            qkv.data_ptr(), qkv.stride(1), _cuda.ptr(bias), _cuda.dtype_code(qkv), _cuda.ptr(q_scale),
-            _cuda.ptr(coords), cs, _cuda.ptr(freqs), fs, axes, half_pairing,
-            _cuda.ptr(q), _cuda.ptr(k), _cuda.ptr(v), _cuda.ptr(rstd) if qk_l2norm else 0,
-            B, L, H, D, dev.index, _cuda.stream(dev))
-    else:
-        raise ValueError(f"posenc_fast::{OP} has no kernel for backend {backend!r}")
+    q, k, v = (_checks.empty((B, H, L, C // H), dtype=x.dtype, device=dev) for _ in range(3))
+    rstd = _rstd(B * L, H, qk_l2norm, dev)
+    if B * L > 0:
+        _launch(x, weight, bias, q_scale, coords, freqs, q, k, v, 0, rstd, H, qk_l2norm, half_pairing, backend)
     return q, k, v, rstd
 
 
+def _forward_cached(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                    q_scale: Optional[torch.Tensor], coords: Optional[torch.Tensor], freqs: Optional[torch.Tensor],
+                    k_cache: torch.Tensor, v_cache: torch.Tensor, cache_start: int, num_heads: int,
+                    qk_l2norm: bool, half_pairing: bool, backend: str) -> torch.Tensor:
+    """Sampling: returns q; k and v go into the rows [cache_start, cache_start + L) of the caches."""
+    B, L, C = x.shape
+    H = num_heads
+    q = _checks.empty((B, H, L, C // H), dtype=x.dtype, device=x.device)
+    if B * L > 0:
+        _launch(x, weight, bias, q_scale, coords, freqs, q, k_cache, v_cache, cache_start,
+                _rstd(B * L, H, qk_l2norm, x.device), H, qk_l2norm, half_pairing, backend)
+    return q
+
+
 _fwd_op = torch.library.custom_op("posenc_fast::qkv_proj", mutates_args=())(_forward)
+_cached_op = torch.library.custom_op("posenc_fast::qkv_proj_cached",
+                                     mutates_args=("k_cache", "v_cache"))(_forward_cached)
+
+
+@_cached_op.register_fake
+def _(x, weight, bias, q_scale, coords, freqs, k_cache, v_cache, cache_start, num_heads, qk_l2norm, half_pairing,
+      backend):
+    B, L, C = x.shape
+    return x.new_empty((B, num_heads, L, C // num_heads))
 
 
 @_fwd_op.register_fake
@@ -242,6 +287,61 @@ def _validate(x, weight, bias, num_heads, qk_l2norm, q_scale, coords, freqs, pai
     return device
 
 
+def _validate_cache(kv_cache, cache_start, x: torch.Tensor, num_heads: int, dtype: torch.dtype) -> None:
+    """The caches must be (B, H, L_max, D) with contiguous head rows and equal strides,
+    in the outputs' dtype, on x's device, and hold the rows [cache_start, cache_start + L)."""
+    if not isinstance(kv_cache, (tuple, list)) or len(kv_cache) != 2:
+        raise TypeError(f"kv_cache must be a (k_cache, v_cache) pair of tensors, got {type(kv_cache).__name__}")
+    _checks.check_int("cache_start", cache_start, minimum=0)
+    B, L, C = x.shape
+    H = num_heads
+    D = C // H
+    end = cache_start + L
+    for name, t in zip(("k_cache", "v_cache"), kv_cache):
+        _checks.check_tensor(f"kv_cache {name}", t, ndim=4)
+        _checks.check_same_device(x=x, **{name: t})
+        if t.dtype != dtype:
+            raise TypeError(f"kv_cache {name} has dtype {str(t.dtype).replace('torch.', '')} but the outputs are "
+                            f"{str(dtype).replace('torch.', '')} (x's dtype, or the autocast dtype): they must match")
+        if (t.shape[0], t.shape[1], t.shape[3]) != (B, H, D):
+            raise ValueError(f"kv_cache {name} must have shape (B, H, L_max, D) = ({B}, {H}, L_max, {D}), "
+                             f"got {tuple(t.shape)}")
+        if end > t.shape[2]:
+            raise ValueError(f"kv_cache {name} has L_max = {t.shape[2]} rows, but cache_start + n = "
+                             f"{cache_start} + {L} = {end} exceeds it")
+        if t.stride(3) != 1 and D > 1:
+            raise ValueError(f"kv_cache {name} must have contiguous head rows (stride(3) == 1), got strides "
+                             f"{tuple(t.stride())}")
+        _checks.check_writable(f"kv_cache {name}", t)
+    if kv_cache[0].stride() != kv_cache[1].stride():
+        # The Triton epilogue stores k and v through one set of strides (registers).
+        raise ValueError(f"kv_cache k_cache and v_cache must have the same strides, got {tuple(kv_cache[0].stride())} "
+                         f"and {tuple(kv_cache[1].stride())}")
+
+
+def _cache_key(kv_cache) -> Hashable:
+    """What ``_validate_cache`` reads of the caches (strides included)."""
+    if kv_cache is None:
+        return None
+    k_cache, v_cache = kv_cache
+    return (_fastpath.tensor_key(k_cache), k_cache.stride(), _fastpath.tensor_key(v_cache), v_cache.stride())
+
+
+def _cache_call_checks(kv_cache, x, weight, bias, q_scale, freqs) -> None:
+    """Per call (grad mode and addresses are not part of the plan): the append has no
+    backward, and two caches that share memory would overwrite each other."""
+    if torch.is_grad_enabled():
+        named = (("x", x), ("weight", weight), ("bias", bias), ("q_scale", q_scale), ("freqs", freqs),
+                 ("kv_cache k_cache", kv_cache[0]), ("kv_cache v_cache", kv_cache[1]))
+        needs = [n for n, t in named if t is not None and t.requires_grad]
+        if needs:
+            raise RuntimeError(f"qkv_proj with kv_cache is for sampling and has no backward, but {', '.join(needs)} "
+                               f"require grad: call it under torch.no_grad() (or inference_mode), or pass "
+                               f"kv_cache=None and concatenate the caches yourself to train through them")
+    if _fastpath.eager(*kv_cache):  # traced tensors have no addresses
+        _checks.check_disjoint("kv_cache k_cache", kv_cache[0], "kv_cache v_cache", kv_cache[1])
+
+
 def _call_checks(coords, q_scale) -> None:
     """The checks that depend on more than the call signature (grad mode, values):
     run on every call, after the cached ones."""
@@ -297,6 +397,7 @@ def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
 def qkv_proj(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *, num_heads: int,
              qk_l2norm: bool = False, q_scale: Optional[torch.Tensor] = None, coords: Optional[torch.Tensor] = None,
              freqs: Optional[torch.Tensor] = None, pairing: str = "interleaved",
+             kv_cache: Optional[Tuple[torch.Tensor, torch.Tensor]] = None, cache_start: int = 0,
              backend: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Attention-ready ``q, k, v`` (B, H, L, D) from ``x`` in one fused pass.
 
@@ -316,6 +417,21 @@ def qkv_proj(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
     require grad). A q_scale that requires grad must be nonzero (RuntimeError; on
     CUDA a device-side assert, which needs no host sync).
 
+    KV cache (scale-by-scale sampling): with ``kv_cache=(k_cache, v_cache)``, two
+    (B, H, L_max, D) tensors in the outputs' dtype with contiguous head rows and the
+    same strides (e.g.
+    allocated once per sampling run with L_max the whole pyramid), k and v of the n
+    tokens of x are written by the kernel straight into the rows
+    ``[cache_start, cache_start + n)`` (rows outside stay untouched), and the call
+    returns ``q, k_cache[:, :, :cache_start + n], v_cache[:, :, :cache_start + n]``:
+    attention over every token so far, without a separate k/v or a ``torch.cat``.
+    The shapes and addresses are the same in every sampling run (CUDA-graph
+    capturable). It has no backward: with a cache, RuntimeError when grad mode is
+    on and an input requires grad (sample under ``torch.no_grad()``). ValueError
+    when ``cache_start + n > L_max`` or a cache has the wrong shape or layout,
+    TypeError for a wrong dtype. Under ``torch.compile`` it is the mutating custom
+    op ``posenc_fast::qkv_proj_cached``.
+
     Kernel limits: Triton needs a power-of-two head_dim in [16, 256]; CUDA an even
     head_dim <= 256 and at most 4 rope axes. ``auto`` takes the fastest backend
     whose limits admit the call; a backend named explicitly raises ValueError.
@@ -325,8 +441,8 @@ def qkv_proj(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
         dev_type = x.device.type
         key = (requested, _fastpath.tensor_key(x), _fastpath.tensor_key(weight), _fastpath.tensor_key(bias),
                num_heads, qk_l2norm, _fastpath.tensor_key(q_scale), _fastpath.tensor_key(coords),
-               _fastpath.tensor_key(freqs), pairing, _autocast_dtype(dev_type))
-    except (AttributeError, TypeError):  # not tensors: the checks say what is wrong
+               _fastpath.tensor_key(freqs), pairing, _autocast_dtype(dev_type), _cache_key(kv_cache), cache_start)
+    except (AttributeError, TypeError, ValueError):  # not tensors (or pairs): the checks say what is wrong
         key = None
 
     def plan():
@@ -336,24 +452,40 @@ def qkv_proj(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
         cast = _autocast_dtype(device.type)
         dt = x.dtype if cast is None else cast
         _check_dtypes(dt, weight if cast is None else None, bias if cast is None else None)
+        if kv_cache is not None:
+            _validate_cache(kv_cache, cache_start, x, num_heads, dt)
+        elif cache_start != 0:
+            raise ValueError(f"cache_start = {cache_start!r} is given without kv_cache")
         return name, cast, device
 
     name, cast, device = _PLANS.get(key, plan)
     _call_checks(coords, q_scale)
+    if kv_cache is not None:
+        _cache_call_checks(kv_cache, x, weight, bias, q_scale, freqs)
     if cast is not None:
         x, weight = x.to(cast), weight.to(cast)
         bias = None if bias is None else bias.to(cast)
     if name == "reference":
         with torch.autocast(device.type, enabled=False) if cast is not None else contextlib.nullcontext():
             return ref.qkv_proj(x, weight, bias, num_heads=num_heads, qk_l2norm=qk_l2norm, q_scale=q_scale,
-                                coords=coords, freqs=freqs, pairing=pairing)
+                                coords=coords, freqs=freqs, pairing=pairing, kv_cache=kv_cache,
+                                cache_start=cache_start)
     # The fused path needs no autocast guard: its inputs are cast already, and the
     # only autocast-aware op it calls (the CUDA backend's F.linear) then keeps them.
-    args = (x, weight, None if bias is None else bias.contiguous(),
-            None if q_scale is None else q_scale.float().contiguous(),
-            None if coords is None else coords.float().contiguous(),
-            None if freqs is None else freqs.float().contiguous(),
-            num_heads, qk_l2norm, pairing == "half", name)
+    params = (x, weight, None if bias is None else bias.contiguous(),
+              None if q_scale is None else q_scale.float().contiguous(),
+              None if coords is None else coords.float().contiguous(),
+              None if freqs is None else freqs.float().contiguous())
+    if kv_cache is not None:
+        k_cache, v_cache = kv_cache
+        args = params + (k_cache, v_cache, cache_start, num_heads, qk_l2norm, pairing == "half", name)
+        if _fastpath.eager(x, weight, bias, q_scale, coords, freqs, k_cache, v_cache):
+            q = _forward_cached(*args)
+        else:
+            q = _cached_op(*args)
+        end = cache_start + x.shape[1]
+        return q, k_cache[:, :, :end], v_cache[:, :, :end]
+    args = params + (num_heads, qk_l2norm, pairing == "half", name)
     if not _fastpath.eager(x, weight, bias, q_scale, coords, freqs):
         q, k, v, _ = _fwd_op(*args)
     elif _fastpath.needs_autograd(x, weight, bias, q_scale, coords, freqs):

@@ -10,6 +10,10 @@ The GEMM runs in the input dtype (like ``F.linear``); normalisation, scale and
 rotation run in fp32 and the results are cast back to the input dtype. Autocast is
 handled by the caller (``posenc_fast.ops.qkv_proj`` casts the inputs like
 ``F.linear`` does and calls this with autocast off).
+
+With ``kv_cache=(k_cache, v_cache)`` (B, H, L_max, D), k and v are written into the
+rows [cache_start, cache_start + L) of the caches and the views
+``cache[:, :, :cache_start + L]`` are returned in their place.
 """
 
 from __future__ import annotations
@@ -27,10 +31,12 @@ L2_EPS = 1e-12
 def qkv_proj(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
              num_heads: int, qk_l2norm: bool = False, q_scale: Optional[torch.Tensor] = None,
              coords: Optional[torch.Tensor] = None, freqs: Optional[torch.Tensor] = None,
-             pairing: str = "interleaved") -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+             pairing: str = "interleaved", kv_cache: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+             cache_start: int = 0) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x (B, L, C), weight (3C, C), bias (3C,) or None, q_scale (H,) or None,
     coords (L, A) or (B, L, A) with freqs (A, D/2) or (H, A, D/2), or both None.
-    Returns contiguous q, k, v (B, H, L, D) in x's dtype."""
+    Returns contiguous q, k, v (B, H, L, D) in x's dtype; with ``kv_cache``, q and
+    the caches' views up to cache_start + L."""
     B, L, C = x.shape
     H = num_heads
     D = C // H
@@ -47,4 +53,10 @@ def qkv_proj(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
         if coords is not None:
             q, k = apply_rope(q, k, coords, freqs, pairing=pairing)
         q, k = q.to(x.dtype), k.to(x.dtype)
-    return q.contiguous(), k.contiguous(), v.contiguous()
+    if kv_cache is None:
+        return q.contiguous(), k.contiguous(), v.contiguous()
+    k_cache, v_cache = kv_cache
+    end = cache_start + L
+    k_cache[:, :, cache_start:end] = k
+    v_cache[:, :, cache_start:end] = v
+    return q.contiguous(), k_cache[:, :, :end], v_cache[:, :, :end]

@@ -7,7 +7,7 @@
 //   q/k: if l2norm  u *= rstd = 1 / max(||u||_2, 1e-12)   (rstd saved for backward)
 //        q only:    u *= q_scale[h]                        (if q_scale)
 //        if rope    pair j rotated by angle = sum_a coords[b, l, a] * freqs[h, a, j]
-//   out_s[b, h, l, :] = u                                  (contiguous (B, H, L, D))
+//   out_s[b, h, l, :] = u                                  ((B, H, L, D), any strides of b, h, l)
 // Pairs: interleaved = dims (2j, 2j+1), half = dims (j, j + D/2). All math in fp32.
 // Strides are in elements; a stride of 0 broadcasts (coords over the batch, freqs
 // over heads). Needs D even, D <= 256, num_axes <= 4.
@@ -34,7 +34,9 @@ struct QkvProjFwdArgs {
   DType dtype;                              // of qkv, bias and the outputs
   const float* q_scale;                     // (H,) or null
   QkvRopeArgs rope;
-  void* q; void* k; void* v;                // (B, H, L, D) contiguous
+  void* q; void* k; void* v;                // (B, H, L, D), dims contiguous: the pointer of
+  int64_t q_stride[3], k_stride[3], v_stride[3];  // element (0, 0, 0, 0) and strides (b, h, l);
+                                            // a KV-cache window is k/v_cache + start * stride_l
   float* rstd;                              // (2, M, H) when l2norm, else null
   int64_t B, L, H, D;
 };
