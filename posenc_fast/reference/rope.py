@@ -3,7 +3,9 @@ frequency layouts and the rotation itself, in plain PyTorch.
 
 Angles are ``angle[l, j] = sum_a coords[l, a] * freqs[a, j]`` in fp32 (optionally per
 head), so one apply function covers 1D RoPE (one axis), axial 2D RoPE (Infinity),
-M-RoPE (three axes, disjoint sections) and RoPE-Mixed (dense learnable freqs).
+M-RoPE (three axes, disjoint sections), InfinityStar's 3D RoPE (``infinitystar_*``)
+and RoPE-Mixed (dense learnable freqs). HART's 2D embedding gives the two elements of
+a pair different angles, is not a rotation, and has its own ``hart_rope``.
 
 Conventions (each one is a way to silently differ from the models, SPEC §2.4):
 
