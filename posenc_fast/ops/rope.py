@@ -23,8 +23,9 @@ import torch
 from .. import _backends, _checks, _fastpath
 from .. import _cuda
 from ..reference import rope as ref
-from ..reference.rope import (PAIRINGS, axial_rope_freqs, mrope_freqs, pyramid_coords,  # noqa: F401
-                              rope_1d_freqs, rope_mixed_freqs)
+from ..reference.rope import (PAIRINGS, axial_rope_freqs, hart_rope, infinitystar_coords,  # noqa: F401
+                              infinitystar_rope_freqs, mrope_freqs, pyramid_coords, rope_1d_freqs,
+                              rope_mixed_freqs)
 
 OP = "apply_rope"
 # Fused kernels keep one head's pairs of a token block in registers.

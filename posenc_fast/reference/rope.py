@@ -3,7 +3,9 @@ frequency layouts and the rotation itself, in plain PyTorch.
 
 Angles are ``angle[l, j] = sum_a coords[l, a] * freqs[a, j]`` in fp32 (optionally per
 head), so one apply function covers 1D RoPE (one axis), axial 2D RoPE (Infinity),
-M-RoPE (three axes, disjoint sections) and RoPE-Mixed (dense learnable freqs).
+M-RoPE (three axes, disjoint sections), InfinityStar's 3D RoPE (``infinitystar_*``)
+and RoPE-Mixed (dense learnable freqs). HART's 2D embedding gives the two elements of
+a pair different angles, is not a rotation, and has its own ``hart_rope``.
 
 Conventions (each one is a way to silently differ from the models, SPEC §2.4):
 
@@ -64,10 +66,12 @@ def _axis_coords(n: int, final: int, mode: str, corner_scale: float) -> torch.Te
         return torch.round(idx.float() * ratio)
     if mode == "fractional":
         return (idx * (final / n)).float()
-    # corner: the first and last rows of every scale land on 0 and corner_scale.
+    # corner: the first and last rows of every scale land on 0 and corner_scale. STAR
+    # divides the fp32 index by fp32 (n - 1), then multiplies by the fp32 normaliser;
+    # same order here so the coordinates are STAR's bit for bit.
     if n == 1:
         return torch.zeros(1, dtype=torch.float32)
-    return (idx / (n - 1) * corner_scale).float()
+    return idx.float() / float(n - 1) * torch.tensor(corner_scale, dtype=torch.float32)
 
 
 def pyramid_coords(scales: Sequence[Scale], *, mode: str = "raw", final: Optional[Scale] = None,
@@ -83,7 +87,9 @@ def pyramid_coords(scales: Sequence[Scale], *, mode: str = "raw", final: Optiona
       round half to even;
     * ``fractional`` (HART): ``r * H/h`` (exact, then rounded to fp32);
     * ``corner`` (STAR): ``r / (h-1) * n`` (0 when the side is 1) with
-      ``n = corner_scale``: a number or a (rows, cols) pair, default (H-1, W-1).
+      ``n = corner_scale``: a number or a (rows, cols) pair, default (H-1, W-1);
+      computed like STAR's ``t / t.max() * rope_norm`` (fp32 quotient, then fp32
+      product).
     """
     if mode not in COORD_MODES:
         raise ValueError(f"mode must be one of {COORD_MODES}, got {mode!r}")
@@ -196,6 +202,135 @@ def rope_mixed_freqs(num_heads: int, head_dim: int, *, theta: float = 10.0, rota
     row = mag * torch.sin(direction)
     col = mag * torch.cos(direction)
     return torch.stack([row, col], dim=1).float()
+
+
+INFINITYSTAR_TIME = ("frames", "tower")
+
+
+def infinitystar_rope_freqs(head_dim: int, *, base: float = 10000.0) -> torch.Tensor:
+    """(3, D/2) fp32 frequencies of InfinityStar's 3D RoPE, axes (t, h, w); use with
+    ``infinitystar_coords`` and ``pairing="interleaved"``.
+
+    ``F = ceil(D/2 / 3)`` frequencies ``base^(-i/F)`` (exponent i/F, not 2i/F) per
+    axis; when 3F exceeds D/2 the last frequency of some axes is dropped: by one, t
+    loses it; by two, h and w do. The pairs are three contiguous sections
+    [t | h | w], each starting at the highest frequency, zeros elsewhere."""
+    _check_head_dim(head_dim)
+    pairs = head_dim // 2
+    num = -(-pairs // 3)
+    if not (isinstance(base, (int, float)) and base > 0):
+        raise ValueError(f"base must be a positive number, got {base!r}")
+    inv = 1.0 / (base ** (torch.arange(num, dtype=torch.int64).float() / num))
+    drop = 3 * num - pairs
+    sections = {0: (num, num, num), 1: (num - 1, num, num), 2: (num, num - 1, num - 1)}[drop]
+    freqs = torch.zeros(3, pairs, dtype=torch.float32)
+    start = 0
+    for a, n in enumerate(sections):
+        freqs[a, start:start + n] = inv[:n]
+        start += n
+    return freqs
+
+
+def _check_thw_schedule(schedule) -> Tuple[Tuple[int, int, int], ...]:
+    if not isinstance(schedule, (list, tuple)) or not schedule:
+        raise ValueError("schedule must be a non-empty sequence of (t, h, w) triples")
+    out = []
+    for i, s in enumerate(schedule):
+        if (not isinstance(s, (list, tuple)) or len(s) != 3
+                or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in s)):
+            raise ValueError(f"schedule[{i}] must be a (t, h, w) triple of positive ints, got {s!r}")
+        out.append(tuple(s))
+    return tuple(out)
+
+
+def infinitystar_coords(schedule: Sequence[Tuple[int, int, int]], *, time: str = "frames",
+                        steps_per_frame: int = 4) -> torch.Tensor:
+    """(L, 3) fp32 (t, h, w) coordinates of the tokens of an InfinityStar scale
+    schedule ``[(t, h, w), ...]`` (its ``image_scales`` or ``video_scales``), as its
+    ``precompute_rope3d_freqs_grid`` with ``rope2d_normalized_by_hw=2`` indexes them.
+
+    Tokens of a scale are in (t, h, w) raster order, scales follow each other. h and w
+    are Infinity's ``round`` mode onto the last scale of the schedule (``pyramid_coords``
+    mode ``"round"``). The time index, ``time``:
+
+    * ``"frames"``: the frame index 0..t-1 within every scale (an image schedule, all
+      t == 1, gets t = 0 everywhere, which is what InfinityStar uses for images);
+    * ``"tower"`` (its ``infinity_video_tower`` schedules): one index per scale,
+      ``max(ceil((s - s_full) / steps_per_frame), 0)``, s_full the first scale whose
+      (h, w) equals the last one's.
+    """
+    schedule = _check_thw_schedule(schedule)
+    if time not in INFINITYSTAR_TIME:
+        raise ValueError(f"time must be one of {INFINITYSTAR_TIME}, got {time!r}")
+    if isinstance(steps_per_frame, bool) or not isinstance(steps_per_frame, int) or steps_per_frame < 1:
+        raise ValueError(f"steps_per_frame must be a positive int, got {steps_per_frame!r}")
+    hw_final = schedule[-1][1:]
+    s_full = next(s for s, (_, h, w) in enumerate(schedule) if (h, w) == hw_final)
+    parts = []
+    for s, (t, h, w) in enumerate(schedule):
+        if time == "frames":
+            frames = torch.arange(t, dtype=torch.float32)
+        else:
+            frames = torch.full((t,), float(max(-((s_full - s) // steps_per_frame), 0)))
+        rows = _axis_coords(h, hw_final[0], "round", 0.0)
+        cols = _axis_coords(w, hw_final[1], "round", 0.0)
+        grid = torch.stack(torch.meshgrid(frames, rows, cols, indexing="ij"), dim=-1)
+        parts.append(grid.reshape(t * h * w, 3))
+    return torch.cat(parts, dim=0).contiguous()
+
+
+def hart_rope(q: torch.Tensor, k: Optional[torch.Tensor], positions: torch.Tensor, *,
+              base: float = 10000.0) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """HART's 2D "rotary" embedding of its image tokens, reproduced exactly (its torch
+    path ``LlamaRotaryEmbedding`` + ``apply_rotary_pos_emb``; the fused CUDA
+    ``FusedLlamaRotaryEmbedding2DWithPos`` feeds the same per-element angles to a
+    rotate-half kernel).
+
+    q (B, H, L, D), k likewise or None; positions (L, 2) or (B, L, 2) (row, col), e.g.
+    ``pyramid_coords(patch_nums, mode="fractional")``. With ``theta_i = base^(-4i/D)``,
+    i < D/4, every element d of the head gets its own angle ``e[d]``, in blocks of D/4:
+    ``[row*theta | row*theta | col*theta | col*theta]``, and
+
+        out[d]       = x[d]       cos e[d]       - x[d + D/2] sin e[d]        d < D/2
+        out[d + D/2] = x[d + D/2] cos e[d + D/2] + x[d]       sin e[d + D/2]
+
+    The two partners of a rotate-half pair get different angles (row vs column), so this
+    is not a rotation (the 2x2 map has determinant cos(e[d] - e[d + D/2]); norms are
+    not kept and scores are not functions of relative position alone) and no
+    ``apply_rope`` (coords, freqs) expresses it; it is one when row == col. Like HART,
+    angles and cos / sin are fp32, then cos / sin are rounded to the input's dtype
+    and the products are taken in it."""
+    if q.dim() != 4:
+        raise ValueError(f"q must be (B, H, L, D), got shape {tuple(q.shape)}")
+    head_dim = q.shape[-1]
+    if head_dim % 4:
+        raise ValueError(f"q's head dim must be a multiple of 4, got {head_dim}")
+    if k is not None and (k.dim() != 4 or k.shape[-1] != head_dim or k.shape[-2] != q.shape[-2]):
+        raise ValueError(f"k must be (B, H, L, {head_dim}) with L = {q.shape[-2]}, got {tuple(k.shape)}")
+    if positions.dim() not in (2, 3) or positions.shape[-1] != 2 or positions.shape[-2] != q.shape[-2]:
+        raise ValueError(f"positions must be (L, 2) or (B, L, 2) with L = {q.shape[-2]}, "
+                         f"got {tuple(positions.shape)}")
+    if not (isinstance(base, (int, float)) and base > 0):
+        raise ValueError(f"base must be a positive number, got {base!r}")
+    device_type = q.device.type if q.device.type in ("cuda", "cpu", "xpu") else "cpu"
+    with torch.autocast(device_type=device_type, enabled=False):
+        theta = 1.0 / (base ** (torch.arange(0, head_dim, 4, dtype=torch.int64).float() / head_dim))
+        pos = positions.float()
+        theta = theta.to(pos.device)
+        row = pos[..., 0:1] * theta  # (..., L, D/4)
+        col = pos[..., 1:2] * theta
+        emb = torch.cat([row, row, col, col], dim=-1)
+        if emb.dim() == 2:
+            emb = emb[None]
+        emb = emb[:, None]  # (B|1, 1, L, D)
+        cos, sin = emb.cos(), emb.sin()
+
+        def _apply(x: torch.Tensor) -> torch.Tensor:
+            half = head_dim // 2
+            rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+            return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+
+        return _apply(q), (None if k is None else _apply(k))
 
 
 def rope_angles(coords: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
