@@ -173,6 +173,12 @@ def _drive_ops() -> None:
                     x, w = rand(2, L, C, dtype=dtype), rand(3 * C, C, dtype=dtype)
                     b = rand(3 * C, dtype=dtype) if i != 4 else None
                     backward(*pf.qkv_proj(x, w, b, num_heads=H, backend="triton", **kw))
+            # sampling: k and v appended to preallocated caches (B, H, L_max, D)
+            with torch.no_grad():
+                kc, vc = (torch.empty(2, H, L + 3, D, dtype=dtype) for _ in range(2))
+                x, w = rand(2, 5, C, dtype=dtype, grad=False), rand(3 * C, C, dtype=dtype, grad=False)
+                pf.qkv_proj(x, w, None, num_heads=H, qk_l2norm=True, coords=coords[2:7], freqs=freqs,
+                            kv_cache=(kc, vc), cache_start=2, backend="triton")
     torch.backends.cuda.matmul.allow_tf32 = tf32_before
 
 
