@@ -241,14 +241,12 @@ class _InplaceRope(torch.autograd.Function):
 
 # ---------------------------------------------------------------- public API
 
-def _validate(q, k, coords, freqs, pairing):
+def _validate_qk(q, k, pairing):
+    """Checks of q, k and the pairing shared by both kinds of rotation; (B, Hq, L, D)."""
     _checks.check_tensor("q", q, ndim=4)
     _checks.check_tensor("k", k, ndim=4, allow_none=True)
-    _checks.check_float_tensor("coords", coords, ndim=(2, 3))
-    _checks.check_float_tensor("freqs", freqs, ndim=(2, 3))
     if pairing not in PAIRINGS:
         raise ValueError(f"pairing must be one of {PAIRINGS}, got {pairing!r}")
-    device = _checks.check_same_device(q=q, k=k, coords=coords, freqs=freqs)
     B, Hq, L, D = q.shape
     if D % 2 or D == 0:
         raise ValueError(f"the head dim (last dim of q) must be even and positive to form rotation pairs, got {D}")
@@ -257,6 +255,15 @@ def _validate(q, k, coords, freqs, pairing):
             raise TypeError(f"k must have q's dtype {q.dtype}, got {k.dtype}")
         if k.shape[0] != B or k.shape[2] != L or k.shape[3] != D:
             raise ValueError(f"k must be (B={B}, Hk, L={L}, D={D}) like q, got shape {tuple(k.shape)}")
+    return B, Hq, L, D
+
+
+def _validate(q, k, coords, freqs, pairing):
+    _checks.check_tensor("q", q, ndim=4)
+    _checks.check_float_tensor("coords", coords, ndim=(2, 3))
+    _checks.check_float_tensor("freqs", freqs, ndim=(2, 3))
+    B, Hq, L, D = _validate_qk(q, k, pairing)
+    device = _checks.check_same_device(q=q, k=k, coords=coords, freqs=freqs)
     A = coords.shape[-1]
     if coords.shape[-2] != L:
         raise ValueError(f"coords has {coords.shape[-2]} positions but q has L = {L} tokens")
@@ -279,20 +286,10 @@ def _validate(q, k, coords, freqs, pairing):
 def _validate_table(q, k, cos, sin, pairing):
     """Checks of a table-defined rotation: cos and sin (L, D/2) or (B, L, D/2)."""
     _checks.check_tensor("q", q, ndim=4)
-    _checks.check_tensor("k", k, ndim=4, allow_none=True)
     _checks.check_float_tensor("cos", cos, ndim=(2, 3))
     _checks.check_float_tensor("sin", sin, ndim=(2, 3))
-    if pairing not in PAIRINGS:
-        raise ValueError(f"pairing must be one of {PAIRINGS}, got {pairing!r}")
+    B, Hq, L, D = _validate_qk(q, k, pairing)
     device = _checks.check_same_device(q=q, k=k, cos=cos, sin=sin)
-    B, Hq, L, D = q.shape
-    if D % 2 or D == 0:
-        raise ValueError(f"the head dim (last dim of q) must be even and positive to form rotation pairs, got {D}")
-    if k is not None:
-        if k.dtype != q.dtype:
-            raise TypeError(f"k must have q's dtype {q.dtype}, got {k.dtype}")
-        if k.shape[0] != B or k.shape[2] != L or k.shape[3] != D:
-            raise ValueError(f"k must be (B={B}, Hk, L={L}, D={D}) like q, got shape {tuple(k.shape)}")
     if cos.shape != sin.shape:
         raise ValueError(f"cos and sin must have one shape, got {tuple(cos.shape)} and {tuple(sin.shape)}")
     want = (L, D // 2) if cos.dim() == 2 else (B, L, D // 2)
