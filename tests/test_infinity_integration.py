@@ -12,6 +12,7 @@ import torch
 
 import posenc_fast as pf
 from posenc_fast.integrations.infinity import patch_infinity, unpatch_infinity
+from posenc_fast.nn.attention import KV_CACHE
 from conftest import DEVICE, fast_backends
 from infinity_model import InfinityBlockStack, InfinitySelfAttention, rope_tables
 
@@ -78,7 +79,7 @@ def test_kv_cached_sampling_matches(backend, mode):
     for m in (want, got):
         for a in m.attentions():
             a.kv_caching(True)
-    begin = 0
+    begin, first_ptr = 0, {}
     with torch.no_grad():
         for si, (t, h, w) in enumerate(SCHEDULE):
             xs = x[:, begin:begin + t * h * w]
@@ -87,8 +88,13 @@ def test_kv_cached_sampling_matches(backend, mode):
             # fp32 rounding of q and k, times cosine attention's gain of up to 100 on the logits
             assert rel_err(out, ref) <= 1e-4, si
             begin += t * h * w
+            for a in got.attentions():  # views of one buffer pair per run, not a growing cat
+                assert a.cached_k.data_ptr() == first_ptr.setdefault(id(a), a.cached_k.data_ptr())
     for a, b in zip(want.attentions(), got.attentions()):
         assert rel_err(b.cached_k, a.cached_k) <= 1e-5 and rel_err(b.cached_v, a.cached_v) <= 1e-5
+        assert b.cached_k.shape == a.cached_k.shape
+        b.kv_caching(False)  # frees the buffers
+        assert b.cached_k is None and KV_CACHE not in b.__dict__
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -114,7 +120,7 @@ def test_state_dict_and_unpatch():
     tables = rope_tables(16, SCHEDULE, 2, max_side=16)
     x = torch.randn(1, L, 48).to(DEVICE)
     unpatch_infinity(got)
-    assert all("forward" not in a.__dict__ for a in got.attentions())
+    assert all("forward" not in a.__dict__ and "kv_caching" not in a.__dict__ for a in got.attentions())
     assert torch.equal(got(x, _mask(), SCHEDULE, tables), want(x, _mask(), SCHEDULE, tables))
     with pytest.raises(ValueError, match="not patched"):
         unpatch_infinity(got)

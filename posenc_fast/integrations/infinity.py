@@ -16,7 +16,13 @@ scale_ind=0)`` and behaviour:
   modes work, mode 1's interpolated tables included: ``apply_rope`` with ``cos``/``sin``
   tables, q and k in one launch. A customised-flash build keeps Infinity's own eager rotation, whose
   (B, L, H, D) layout makes it index the table by head;
-* the KV cache, the block-wise mask (an additive bias for SDPA, or the module's own
+* sampling (``kv_caching(True)``): with SDPA, k and v are appended by ``qkv_proj``
+  into one (B, H, L, D) buffer pair per run (L: the schedule's tokens) and the new
+  k rows rotated in place there, so no ``torch.cat`` re-copies the cache at each
+  scale; ``cached_k`` / ``cached_v`` are views of the rows so far, and
+  ``kv_caching(False)`` frees the buffers (a customised-flash build keeps Infinity's
+  cat);
+* the block-wise mask (an additive bias for SDPA, or the module's own
   ``flash_attn_func`` with ``VAR_visible_kvlen`` / ``VAR_invisible_qlen`` for a
   customised-flash build), ``attn_fn`` (flex attention) and ``proj`` are Infinity's.
 
@@ -34,10 +40,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import _backends
+from ..nn.attention import KV_CACHE, KV_LEN, _kv_buffers, reset_kv_cache
 from ..ops.qkv_proj import qkv_proj
-from ..ops.rope import apply_rope
+from ..ops.rope import apply_rope, apply_rope_
 
-_STATE = "_posenc_fast_infinity_patch"  # on the patched root: [(attention module, its previous forward)]
+_STATE = "_posenc_fast_infinity_patch"  # on the patched root: [(attention module, {method: previous})]
+_METHODS = ("forward", "kv_caching")
 _BACKEND = "_posenc_fast_backend"
 
 _ATTRS = ("mat_qkv", "q_bias", "v_bias", "zero_k_bias", "num_heads", "head_dim", "cos_attn", "scale", "caching",
@@ -94,13 +102,20 @@ def _forward(self, x: torch.Tensor, attn_bias_or_two_vector, attn_fn=None, scale
     if self.cos_attn:
         q_scale = self.scale_mul_1H11.clamp_max(self.max_scale_mul).exp().reshape(H)
     bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
+    backend = self.__dict__[_BACKEND]
+    # Sampling with the SDPA layout: k and v go straight into one (B, H, L_max, D)
+    # buffer pair per run (qkv_proj's KV-cache append; L_max = the schedule's tokens)
+    # and this scale's k rows are rotated in place there: no cat re-copying the cache.
+    append = self.caching and not self.using_flash and scale_schedule is not None
+    kv, cache_start = None, 0
+    if append:
+        cache_start = 0 if self.cached_k is None else self.cached_k.shape[2]
+        self.__dict__[KV_LEN] = int(sum(t * h * w for t, h, w in scale_schedule))
+        kv = _kv_buffers(self, x, cache_start)
     q, k, v = qkv_proj(x, self.mat_qkv.weight, bias, num_heads=H, qk_l2norm=bool(self.cos_attn), q_scale=q_scale,
-                       backend=self.__dict__[_BACKEND])  # (B, H, L, D)
+                       kv_cache=kv, cache_start=cache_start, backend=backend)  # (B, H, *, D)
     if self.using_flash:  # Infinity's flash layout: (B, L, H, D), sequence dim 1
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        L_dim = 1
-    else:
-        L_dim = 2
     if rope2d_freqs_grid is not None:
         key = str(tuple(scale_schedule))
         table = rope2d_freqs_grid[key].to(q.device)
@@ -110,15 +125,21 @@ def _forward(self, x: torch.Tensor, attn_bias_or_two_vector, attn_fn=None, scale
             start = int(sum(t * h * w for t, h, w in scale_schedule[:scale_ind]))
         if self.using_flash:
             q, k = _rotate_flash_layout(q, k, table, start)
+        elif append:
+            cos, sin = _table_rows(table, start, L)
+            apply_rope_(q, k[:, :, cache_start:], cos=cos, sin=sin, backend=backend)  # q and the new k rows
         else:
-            cos, sin = _table_rows(table, start, q.shape[2])
-            q, k = apply_rope(q, k, cos=cos, sin=sin, backend=self.__dict__[_BACKEND])
-    if self.caching:
+            cos, sin = _table_rows(table, start, L)
+            q, k = apply_rope(q, k, cos=cos, sin=sin, backend=backend)
+    if append:
+        self.cached_k, self.cached_v = k, v
+    elif self.caching:
         if self.cached_k is None:
             self.cached_k, self.cached_v = k, v
         else:
-            k = self.cached_k = torch.cat((self.cached_k, k), dim=L_dim)
-            v = self.cached_v = torch.cat((self.cached_v, v), dim=L_dim)
+            seq = 1 if self.using_flash else 2
+            k = self.cached_k = torch.cat((self.cached_k, k), dim=seq)
+            v = self.cached_v = torch.cat((self.cached_v, v), dim=seq)
     if self.using_flash:
         flash_attn_func = type(self).forward.__globals__["flash_attn_func"]
         kw = {} if attn_bias_or_two_vector is None else dict(VAR_visible_kvlen=attn_bias_or_two_vector[0],
@@ -131,6 +152,11 @@ def _forward(self, x: torch.Tensor, attn_bias_or_two_vector, attn_fn=None, scale
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias_or_two_vector, dropout_p=0,
                                              scale=self.scale).transpose(1, 2).reshape(B, L, C)
     return self.proj_drop(self.proj(out))
+
+
+def _kv_caching(self, enable: bool) -> None:
+    """Infinity's kv_caching; ``False`` also frees the run's cache buffers."""
+    reset_kv_cache(self, enable)
 
 
 def patch_infinity(module: nn.Module, *, backend: Optional[str] = None) -> nn.Module:
@@ -161,9 +187,10 @@ def patch_infinity(module: nn.Module, *, backend: Optional[str] = None) -> nn.Mo
     known = {id(m) for m, _ in state}
     for m in attns:
         if id(m) not in known:
-            state.append((m, m.__dict__.get("forward")))
+            state.append((m, {name: m.__dict__.get(name) for name in _METHODS}))
         m.__dict__[_BACKEND] = backend
         m.forward = types.MethodType(_forward, m)
+        m.kv_caching = types.MethodType(_kv_caching, m)
     return module
 
 
@@ -175,8 +202,11 @@ def unpatch_infinity(module: nn.Module) -> nn.Module:
         raise ValueError(f"unpatch_infinity: this {type(module).__name__} is not patched by patch_infinity")
     for m, previous in saved:
         m.__dict__.pop(_BACKEND, None)
-        if previous is None:
-            m.__dict__.pop("forward", None)
-        else:
-            m.forward = previous
+        for key in (KV_CACHE, KV_LEN):
+            m.__dict__.pop(key, None)
+        for name, method in previous.items():
+            if method is None:
+                m.__dict__.pop(name, None)
+            else:
+                setattr(m, name, method)
     return module
