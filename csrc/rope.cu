@@ -44,11 +44,17 @@ struct Params {
 // and with it the workspace, depends on P only.
 inline int tile_tokens(int P) { return kPairsPerThread * std::max(1, kThreads / P); }
 
+// Blocks to aim for: about 4 waves of the 4 blocks an SM holds (launch bounds) on a
+// 132-SM GPU, so grids end in whole waves at the SPEC workloads
+// (tools/kernel_report.py); a constant, not the device's SM count, so the d freqs
+// reduction order depends on the shapes only.
+constexpr long long kTargetBlocks = 2048;
+
 inline int heads_per_block(int B, int L, int P, int Htot) {
-  // Split the heads over blocks only when tokens x batch cannot fill a large GPU;
-  // a function of the shapes only, so the reduction order is too.
+  // Split the heads over blocks only when tokens x batch cannot fill a large GPU.
   const long long blocks = (long long)ceil_div(L, tile_tokens(P)) * B;
-  const long long splits = std::min<long long>(Htot, std::max<long long>(1, (1024 + blocks - 1) / std::max(blocks, 1LL)));
+  const long long splits =
+      std::min<long long>(Htot, std::max<long long>(1, (kTargetBlocks + blocks - 1) / std::max(blocks, 1LL)));
   return (int)((Htot + splits - 1) / splits);
 }
 

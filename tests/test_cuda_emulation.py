@@ -397,7 +397,7 @@ ROPE_CASES = {
     "fp32-half-GQA-batchcoords": (f32, False, 3, 4, 1, 9, 48, 2, False, True, "BLHD", "VEC = true"),
     "bf16-interleaved-Dstride": (bf16, True, 2, 2, 1, 11, 16, 1, False, False, "Dstride", "VEC = false"),
     # 350 token blocks: 2 heads per block instead of 1 (sincos reused across heads)
-    "fp32-interleaved-D512-grouped-heads": (f32, True, 1, 2, 2, 2800, 512, 2, False, False, "BHLD", "VEC = true"),
+    "fp32-interleaved-D512-grouped-heads": (f32, True, 1, 4, 4, 2800, 512, 2, False, False, "BHLD", "VEC = true"),
     "fp32-half-odd-pairs": (f32, False, 1, 2, 2, 7, 6, 4, True, True, "BHLD", "VEC = false"),
 }
 
