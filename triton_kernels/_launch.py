@@ -24,3 +24,27 @@ def cdiv(a: int, b: int) -> int:
 
 def next_power_of_2(n: int) -> int:
     return 1 << (n - 1).bit_length() if n > 0 else 1
+
+
+def batch_per_program(tiles: int, B: int, slots: int) -> int:
+    """Batch rows per program of a kernel that streams each embedding tile onto a
+    slice of the batch: grid = tiles x slices.
+
+    A problem too small to fill one wave of ``slots`` resident programs gets one row
+    per program (sampling: latency over reuse). Otherwise the slice count whose grid
+    ends closest to whole waves, among those that re-read the tables at most about
+    5% of x's bytes (slices <= 1 + B / 10), fewest slices first."""
+    if tiles * B <= slots:
+        return 1
+    best_eff, best = -1.0, B
+    for s in range(1, min(B, 1 + B // 10) + 1):
+        per = cdiv(B, s)
+        eff = wave_efficiency(tiles * cdiv(B, per), slots)
+        if eff > best_eff + 1e-9:
+            best_eff, best = eff, per
+    return best
+
+
+def wave_efficiency(grid: int, slots: int) -> float:
+    """Fraction of the resident-program slots the last wave leaves busy, over the run."""
+    return grid / (cdiv(grid, slots) * slots)
