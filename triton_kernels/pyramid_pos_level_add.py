@@ -16,6 +16,7 @@ assume validated arguments.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import triton
@@ -121,16 +122,12 @@ def _bwd_levels_kernel(partial_ptr, offsets_ptr, dlvl_ptr, C, sdl, BLOCK_C: tl.c
 FWD_PROGRAMS_PER_SM = 10
 
 
-def pyramid_pos_level_add_fwd(x, pos, lvl, token_meta, out, *, start: int, pos_weight: float,
-                              sincos_weight: float) -> None:
-    """Writes ``out`` (contiguous (B, n, C)). ``pos`` is (L, C), (1, L, C) or None."""
-    B, n, C = x.shape
-    if B == 0 or n == 0:
-        return
-    # Each program reuses its (BLOCK_T, BLOCK_C) embedding tile across its batch
-    # slice. Tile width and slices are chosen for whole waves of the programs an SM
-    # holds (a channel block that does not divide C also leaves lanes idle).
-    slots = FWD_PROGRAMS_PER_SM * num_sms(x.device)
+@functools.lru_cache(maxsize=1024)
+def _fwd_tiling(B: int, n: int, C: int, slots: int):
+    """(BLOCK_C, BLOCK_T, batch rows per program). Each program reuses its embedding
+    tile across its batch slice; tile width and slices are chosen for whole waves of
+    ``slots`` resident programs (a channel block that does not divide C also leaves
+    lanes idle). Cached: sampling calls the same few shapes at every step."""
     best = None
     for width in (256, 128):
         block_c = min(next_power_of_2(C), width)
@@ -140,7 +137,16 @@ def pyramid_pos_level_add_fwd(x, pos, lvl, token_meta, out, *, start: int, pos_w
         eff = wave_efficiency(tiles * cdiv(B, per), slots) * C / (cdiv(C, block_c) * block_c)
         if best is None or eff > best[0] + 1e-9:
             best = (eff, block_c, block_t, per)
-    _, BLOCK_C, BLOCK_T, b_per_prog = best
+    return best[1:]
+
+
+def pyramid_pos_level_add_fwd(x, pos, lvl, token_meta, out, *, start: int, pos_weight: float,
+                              sincos_weight: float) -> None:
+    """Writes ``out`` (contiguous (B, n, C)). ``pos`` is (L, C), (1, L, C) or None."""
+    B, n, C = x.shape
+    if B == 0 or n == 0:
+        return
+    BLOCK_C, BLOCK_T, b_per_prog = _fwd_tiling(B, n, C, FWD_PROGRAMS_PER_SM * num_sms(x.device))
     grid = (cdiv(n, BLOCK_T), cdiv(C, BLOCK_C), cdiv(B, b_per_prog))
     has_pos = pos is not None
     _fwd_kernel[grid](
