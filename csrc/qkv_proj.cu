@@ -1,11 +1,13 @@
 // Fused attention input projection: CUDA epilogue kernels over the packed GEMM
 // output (the GEMM itself is cuBLAS, called by the framework).
 //
-// Forward: one warp per (token, head of q | k | v). Each lane owns rotation pairs
-// j = lane + 32 i; the head's squared norm is a butterfly warp sum (every lane ends
-// with the bit-identical value), so bias + norm + q_scale + rotation happen in
-// registers and the head is stored straight into its (B, H, L, D) output: one read
-// of qkv, one write of q, k, v.
+// Forward: one block per token; a group of lanes per head of q | k | v (for head_dim
+// 64 and 128 each lane owns one 16-byte chunk of the head, so a warp holds several
+// heads), the token's rope angles computed once in shared memory for all its heads.
+// The head's squared norm is a butterfly sum over its lanes (every lane ends with
+// the bit-identical value), so bias + norm + q_scale + rotation happen in registers
+// and the head is stored straight into its (B, H, L, D) output: one read of qkv, one
+// write of q, k, v.
 // Backward: one block per (chunk of tokens, head of q | k | v); each warp walks
 // rows of the chunk, un-rotates the gradient, goes through q_scale and the norm
 // using the post-norm vector recovered from the saved outputs, writes the packed
@@ -15,6 +17,8 @@
 #include "device_utils.cuh"
 #include "posenc_fast/qkv_proj.h"
 
+#include <algorithm>
+#include <climits>
 #include <string>
 #include <type_traits>
 
@@ -24,13 +28,16 @@ namespace {
 constexpr int kWarp = 32;
 constexpr int kMaxAxes = 4;
 constexpr int kMaxPairs = 128;  // D <= 256
-constexpr int kFwdWarpsPerBlock = 8;
+constexpr int kFwdMaxThreads = 512;
 constexpr int kBwdWarps = 8;
 constexpr int64_t kBwdRowsPerChunk = 64;
 
-__device__ __forceinline__ float warp_sum(float v) {
+// Sum over aligned groups of G lanes (butterfly: every lane of a group ends with the
+// bit-identical value). Every lane of the warp must call it.
+template <int G>
+__device__ __forceinline__ float lane_group_sum(float v) {
 #pragma unroll
-  for (int o = kWarp / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  for (int o = G / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
   return v;
 }
 
@@ -88,83 +95,222 @@ __device__ __forceinline__ float rope_angle(const float* c, const float* f, cons
   return ang;
 }
 
-template <typename T, int PPL>
-__global__ void __launch_bounds__(kFwdWarpsPerBlock * kWarp)
-qkv_fwd_kernel(const QkvProjFwdArgs a, bool vec) {
-  const int lane = threadIdx.x % kWarp;
-  const int64_t warp = static_cast<int64_t>(blockIdx.x) * kFwdWarpsPerBlock + threadIdx.x / kWarp;
-  const int64_t H = a.H, L = a.L, M = a.B * a.L;
-  const int D = static_cast<int>(a.D), P = D / 2;
-  if (warp >= M * 3 * H) return;
-  const int64_t m = warp / (3 * H);
-  const int64_t sh = warp % (3 * H);
-  const int s = static_cast<int>(sh / H);
-  const int64_t h = sh % H, b = m / L, l = m % L;
-  const bool half = a.rope.half_pairing;
+template <typename T, int N>
+struct alignas(sizeof(T) * N) VecN {
+  T v[N];
+};
 
-  const T* src = static_cast<const T*>(a.qkv) + m * a.qkv_row_stride + sh * D;
-  const T* bias = a.bias ? static_cast<const T*>(a.bias) + sh * D : nullptr;
-  float x0[PPL], x1[PPL];
+// N consecutive elements at p: one N-vector (VEC: p is aligned to it) or N scalars.
+template <typename T, int N, bool VEC>
+__device__ __forceinline__ void load_run(const T* p, float (&out)[N]) {
+  if constexpr (VEC) {
+    const VecN<T, N> v = *reinterpret_cast<const VecN<T, N>*>(p);
 #pragma unroll
-  for (int i = 0; i < PPL; ++i) {
-    const int p = lane + i * kWarp;
-    x0[i] = x1[i] = 0.f;
-    if (p < P) {
-      int d0, d1;
-      pair_dims(p, D, half, d0, d1);
-      load_pair(src, d0, d1, vec, x0[i], x1[i]);
-      if (bias) {
-        x0[i] += to_float<T>(bias[d0]);
-        x1[i] += to_float<T>(bias[d1]);
-      }
+    for (int i = 0; i < N; ++i) out[i] = to_float<T>(v.v[i]);
+  } else {
+#pragma unroll
+    for (int i = 0; i < N; ++i) out[i] = to_float<T>(p[i]);
+  }
+}
+
+template <typename T, int N, bool VEC>
+__device__ __forceinline__ void store_run(T* p, const float (&in)[N]) {
+  if constexpr (VEC) {
+    VecN<T, N> v;
+#pragma unroll
+    for (int i = 0; i < N; ++i) v.v[i] = from_float<T>(in[i]);
+    *reinterpret_cast<VecN<T, N>*>(p) = v;
+  } else {
+#pragma unroll
+    for (int i = 0; i < N; ++i) p[i] = from_float<T>(in[i]);
+  }
+}
+
+// Pairs j0 .. j0 + VP - 1 of a head row of 2P elements: interleaved, one run of
+// 2 VP elements; half, runs of VP elements at j0 and j0 + P.
+template <typename T, int VP, bool HALF, bool VEC>
+__device__ __forceinline__ void load_pairs(const T* row, int j0, int P, float (&x0)[VP], float (&x1)[VP]) {
+  if constexpr (HALF) {
+    load_run<T, VP, VEC>(row + j0, x0);
+    load_run<T, VP, VEC>(row + j0 + P, x1);
+  } else {
+    float e[2 * VP];
+    load_run<T, 2 * VP, VEC>(row + 2 * j0, e);
+#pragma unroll
+    for (int v = 0; v < VP; ++v) {
+      x0[v] = e[2 * v];
+      x1[v] = e[2 * v + 1];
     }
   }
-  if (s < 2) {
-    if (a.rstd) {
-      float ss = 0.f;
+}
+
+template <typename T, int VP, bool HALF, bool VEC>
+__device__ __forceinline__ void store_pairs(T* row, int j0, int P, const float (&x0)[VP], const float (&x1)[VP]) {
+  if constexpr (HALF) {
+    store_run<T, VP, VEC>(row + j0, x0);
+    store_run<T, VP, VEC>(row + j0 + P, x1);
+  } else {
+    float e[2 * VP];
 #pragma unroll
-      for (int i = 0; i < PPL; ++i) ss += x0[i] * x0[i] + x1[i] * x1[i];
-      const float norm = sqrtf(warp_sum(ss));
-      // max(norm, eps) that keeps a NaN norm NaN like eager's clamp_min (fmaxf drops it).
-      const float r = 1.f / (norm < 1e-12f ? 1e-12f : norm);
-#pragma unroll
-      for (int i = 0; i < PPL; ++i) {
-        x0[i] *= r;
-        x1[i] *= r;
-      }
-      if (lane == 0) a.rstd[(s * M + m) * H + h] = r;
+    for (int v = 0; v < VP; ++v) {
+      e[2 * v] = x0[v];
+      e[2 * v + 1] = x1[v];
     }
-    if (a.q_scale && s == 0) {
-      const float sc = a.q_scale[h];
+    store_run<T, 2 * VP, VEC>(row + 2 * j0, e);
+  }
+}
+
+// Thread layout of the forward. HD = head_dim 64 or 128 (0: any other, read at run
+// time); PPL = pairs per lane. A group of G lanes owns one head; lane g of a group
+// owns chunks c = g + G i (i < K) of VP consecutive pairs. With HD the chunk is one
+// 16-byte vector (interleaved) or two (half, at j0 and j0 + D/2) and K = 1; the
+// generic layout has VP = 1 and a warp per head.
+template <int HD, int PPL, bool HALF>
+struct FwdLayout {
+  static constexpr int VP = HD ? PPL : 1;
+  static constexpr int K = PPL / VP;
+  static constexpr int G = HD ? HD / 2 / PPL : kWarp;
+  static constexpr int kVecElems = HALF ? VP : 2 * VP;  // elements per vector access
+  static_assert(kWarp % G == 0 && (HD == 0 || G * VP == HD / 2), "a head must fill whole lanes of a warp");
+};
+
+// One block per token m = (b, l); its threads walk the 3H heads of q | k | v (several
+// heads per warp with HD) in block-sized passes, so the token's rope angles are
+// computed once, into shared memory, and read by every head (with per-head freqs
+// each lane computes its own). Accesses are 16-byte vectors with HD and VEC. ROPE is
+// a template flag so the rope-free kernel carries none of sincosf's code and
+// registers; without rope the pairing does not matter (HALF is false).
+template <typename T, int HD, int PPL, bool ROPE, bool HALF, bool VEC>
+__global__ void __launch_bounds__(kFwdMaxThreads)
+qkv_fwd_kernel(const QkvProjFwdArgs a) {
+  static_assert(ROPE || !HALF, "the pairing only matters with rope");
+  using Lay = FwdLayout<HD, PPL, HALF>;
+  constexpr int VP = Lay::VP, K = Lay::K, G = Lay::G;
+  __shared__ float cos_s[kMaxPairs];
+  __shared__ float sin_s[kMaxPairs];
+
+  const int H = static_cast<int>(a.H), L = static_cast<int>(a.L);
+  const int D = HD ? HD : static_cast<int>(a.D), P = D / 2;
+  const int m = blockIdx.x, b = m / L, l = m % L, g = threadIdx.x % G;
+  const bool per_head = a.rope.freqs_stride[0] != 0;
+  const float* coord = ROPE ? a.rope.coords + b * a.rope.coords_stride[0] + l * a.rope.coords_stride[1] : nullptr;
+
+  float cs[K][VP], sn[K][VP];
+  // Per-head freqs: each lane's own pairs. One sincosf call site in a rolled loop
+  // (unrolled copies of its slow path made ptxas spill); constant indices keep cs, sn
+  // in registers.
+  auto lane_angles = [&](const float* f) {
+#pragma unroll 1
+    for (int e = 0; e < K * VP; ++e) {
+      const int i = e / VP, v = e % VP, j = (g + G * i) * VP + v;
+      float s = 0.f, c = 1.f;
+      if (HD || j < P) sincosf(rope_angle(coord, f + j, a.rope), &s, &c);
 #pragma unroll
-      for (int i = 0; i < PPL; ++i) {
-        x0[i] *= sc;
-        x1[i] *= sc;
-      }
+      for (int u = 0; u < K * VP; ++u)
+        if (u == e) {
+          sn[u / VP][u % VP] = s;
+          cs[u / VP][u % VP] = c;
+        }
     }
-    if (a.rope.coords) {
-      const float* c = a.rope.coords + b * a.rope.coords_stride[0] + l * a.rope.coords_stride[1];
-      const float* f = a.rope.freqs + h * a.rope.freqs_stride[0];
+  };
+  if (ROPE && !per_head) {  // block-uniform: every thread reaches the barrier
+    for (int j = threadIdx.x; j < P; j += blockDim.x) {
+      float s, c;
+      sincosf(rope_angle(coord, a.rope.freqs + j, a.rope), &s, &c);
+      cos_s[j] = c;
+      sin_s[j] = s;
+    }
+    __syncthreads();
 #pragma unroll
-      for (int i = 0; i < PPL; ++i) {
-        const int p = lane + i * kWarp;
-        if (p < P) {
-          float sn, cs;
-          sincosf(rope_angle(c, f + p, a.rope), &sn, &cs);
-          rotate_pair(x0[i], x1[i], cs, sn);
+    for (int i = 0; i < K; ++i)
+#pragma unroll
+      for (int v = 0; v < VP; ++v) {
+        const int j = (g + G * i) * VP + v;
+        if (HD || j < P) {
+          cs[i][v] = cos_s[j];
+          sn[i][v] = sin_s[j];
+        }
+      }
+  }
+
+  const T* src_row = static_cast<const T*>(a.qkv) + m * a.qkv_row_stride;
+  const T* bias = static_cast<const T*>(a.bias);
+  T* const q_row = static_cast<T*>(a.q) + b * a.q_stride[0] + l * a.q_stride[2];
+  T* const k_row = static_cast<T*>(a.k) + b * a.k_stride[0] + l * a.k_stride[2];
+  T* const v_row = static_cast<T*>(a.v) + b * a.v_stride[0] + l * a.v_stride[2];
+  const int total = 3 * H * G;
+  const int lane = threadIdx.x % kWarp;
+  // The bound is warp-uniform: the norm's shuffles need every lane of the warp.
+  for (int t0 = threadIdx.x - lane; t0 < total; t0 += blockDim.x) {
+    const int t = t0 + lane;
+    const bool live = t < total;  // the same for the G lanes of a head
+    const int sh = t / G, s = sh / H, h = sh - s * H;
+    float x0[K][VP], x1[K][VP];
+#pragma unroll
+    for (int i = 0; i < K; ++i) {
+      const int j0 = (g + G * i) * VP;
+#pragma unroll
+      for (int v = 0; v < VP; ++v) x0[i][v] = x1[i][v] = 0.f;
+      if (live && (HD || j0 < P)) {
+        load_pairs<T, VP, HALF, VEC>(src_row + sh * D, j0, P, x0[i], x1[i]);
+        if (bias) {
+          float b0[VP], b1[VP];
+          load_pairs<T, VP, HALF, VEC>(bias + sh * D, j0, P, b0, b1);
+#pragma unroll
+          for (int v = 0; v < VP; ++v) {
+            x0[i][v] += b0[v];
+            x1[i][v] += b1[v];
+          }
         }
       }
     }
-  }
-  const int64_t* os = s == 0 ? a.q_stride : (s == 1 ? a.k_stride : a.v_stride);
-  T* dst = static_cast<T*>(s == 0 ? a.q : (s == 1 ? a.k : a.v)) + b * os[0] + h * os[1] + l * os[2];
+    const bool qk = live && s < 2;
+    if (a.rstd) {
+      float ss = 0.f;
 #pragma unroll
-  for (int i = 0; i < PPL; ++i) {
-    const int p = lane + i * kWarp;
-    if (p < P) {
-      int d0, d1;
-      pair_dims(p, D, half, d0, d1);
-      store_pair(dst, d0, d1, vec, x0[i], x1[i]);
+      for (int i = 0; i < K; ++i)
+#pragma unroll
+        for (int v = 0; v < VP; ++v) ss += x0[i][v] * x0[i][v] + x1[i][v] * x1[i][v];
+      const float norm = sqrtf(lane_group_sum<G>(ss));
+      // max(norm, eps) that keeps a NaN norm NaN like eager's clamp_min (fmaxf drops it).
+      const float r = 1.f / (norm < 1e-12f ? 1e-12f : norm);
+      if (qk) {
+#pragma unroll
+        for (int i = 0; i < K; ++i)
+#pragma unroll
+          for (int v = 0; v < VP; ++v) {
+            x0[i][v] *= r;
+            x1[i][v] *= r;
+          }
+        if (g == 0) a.rstd[(static_cast<int64_t>(s) * a.B * a.L + m) * H + h] = r;
+      }
+    }
+    if (a.q_scale && live && s == 0) {
+      const float sc = a.q_scale[h];
+#pragma unroll
+      for (int i = 0; i < K; ++i)
+#pragma unroll
+        for (int v = 0; v < VP; ++v) {
+          x0[i][v] *= sc;
+          x1[i][v] *= sc;
+        }
+    }
+    if (ROPE && qk) {
+      if (per_head) lane_angles(a.rope.freqs + h * a.rope.freqs_stride[0]);
+#pragma unroll
+      for (int i = 0; i < K; ++i)
+#pragma unroll
+        for (int v = 0; v < VP; ++v)
+          if (HD || (g + G * i) * VP + v < P) rotate_pair(x0[i][v], x1[i][v], cs[i][v], sn[i][v]);
+    }
+    if (live) {
+      const int64_t hs = s == 0 ? a.q_stride[1] : (s == 1 ? a.k_stride[1] : a.v_stride[1]);
+      T* dst = (s == 0 ? q_row : (s == 1 ? k_row : v_row)) + h * hs;
+#pragma unroll
+      for (int i = 0; i < K; ++i) {
+        const int j0 = (g + G * i) * VP;
+        if (HD || j0 < P) store_pairs<T, VP, HALF, VEC>(dst, j0, P, x0[i], x1[i]);
+      }
     }
   }
 }
@@ -263,7 +409,7 @@ qkv_bwd_kernel(const QkvProjBwdArgs a, bool vec) {
       float dot = 0.f;
 #pragma unroll
       for (int i = 0; i < PPL; ++i) dot += g0[i] * y0[i] + g1[i] * y1[i];
-      dot = warp_sum(dot);
+      dot = lane_group_sum<kWarp>(dot);
 #pragma unroll
       for (int i = 0; i < PPL; ++i) {
         g0[i] = (g0[i] - y0[i] * dot) * rs;
@@ -298,7 +444,7 @@ qkv_bwd_kernel(const QkvProjBwdArgs a, bool vec) {
         if (ax < A) red_freqs[w][ax * P + p] = acc_f[i][ax];
     }
   }
-  const float lane_sum = warp_sum(acc_s);
+  const float lane_sum = lane_group_sum<kWarp>(acc_s);
   if (lane == 0) red_scale[w] = lane_sum;
   __syncthreads();
   if (a.dbias_part) {
@@ -342,28 +488,72 @@ void dispatch_ppl(int64_t D, F&& f) {
   else f(std::integral_constant<int, 4>{});
 }
 
+// Whether every row of qkv, bias, q, k and v can be accessed in aligned vectors of n
+// elements of `bytes` bytes (head rows start at multiples of D, a multiple of n).
+bool fwd_vectors_fit(const QkvProjFwdArgs& a, int n, size_t bytes) {
+  bool ok = a.qkv_row_stride % n == 0 && aligned(a.qkv, bytes) && (!a.bias || aligned(a.bias, bytes)) &&
+            aligned(a.q, bytes) && aligned(a.k, bytes) && aligned(a.v, bytes);
+  for (int i = 0; i < 3; ++i) ok = ok && a.q_stride[i] % n == 0 && a.k_stride[i] % n == 0 && a.v_stride[i] % n == 0;
+  return ok;
+}
+
+template <typename T, int HD, int PPL, bool ROPE, bool HALF>
+void launch_fwd(const QkvProjFwdArgs& a, cudaStream_t stream) {
+  using Lay = FwdLayout<HD, PPL, HALF>;
+  // As few block-sized passes over the 3H heads as kFwdMaxThreads allows, in blocks
+  // of whole warps balanced between the passes.
+  const int64_t lanes = 3 * a.H * Lay::G;
+  const int64_t passes = (lanes + kFwdMaxThreads - 1) / kFwdMaxThreads;
+  const int threads = static_cast<int>(((lanes + passes - 1) / passes + kWarp - 1) / kWarp * kWarp);
+  const unsigned blocks = static_cast<unsigned>(a.B * a.L);
+  if constexpr (Lay::kVecElems > 1) {
+    if (fwd_vectors_fit(a, Lay::kVecElems, Lay::kVecElems * sizeof(T))) {
+      qkv_fwd_kernel<T, HD, PPL, ROPE, HALF, true><<<blocks, threads, 0, stream>>>(a);
+      return;
+    }
+  }
+  qkv_fwd_kernel<T, HD, PPL, ROPE, HALF, false><<<blocks, threads, 0, stream>>>(a);
+}
+
 }  // namespace
 
 void qkv_proj_fwd(const QkvProjFwdArgs& a, int device, cudaStream_t stream) {
   check_common(a.B, a.L, a.H, a.D, a.rope, "qkv_proj_fwd");
   // Empty tensors (B or L zero) have null data pointers: nothing to do, and no error.
-  const int64_t warps = a.B * a.L * 3 * a.H;
-  if (warps == 0) return;
+  const int64_t M = a.B * a.L;
+  if (M == 0) return;
   POSENC_CHECK_ARG(a.qkv && a.q && a.k && a.v, "qkv_proj_fwd: qkv, q, k and v must be non-null");
   POSENC_CHECK_ARG(a.qkv_row_stride >= 3 * a.H * a.D, "qkv_proj_fwd: qkv_row_stride must be >= 3 * H * D");
+  // One block per token; the in-row offsets 3 H D and the lane count 3 H 32 are ints.
+  POSENC_CHECK_ARG(M <= INT32_MAX && 3 * a.H * std::max<int64_t>(a.D, kWarp) <= INT32_MAX,
+                   "qkv_proj_fwd: B * L and 3 * num_heads * max(head_dim, 32) must be < 2^31");
   set_device(device);
   dispatch_dtype(a.dtype, "qkv", [&](auto tag) {
     using T = decltype(tag);
-    const size_t v2 = 2 * sizeof(T);
-    bool even = a.qkv_row_stride % 2 == 0;  // every row start keeps the 2-vector alignment
-    for (int i = 0; i < 3; ++i) even = even && a.q_stride[i] % 2 == 0 && a.k_stride[i] % 2 == 0 &&
-                                       a.v_stride[i] % 2 == 0;
-    const bool vec = !a.rope.half_pairing && even && aligned(a.qkv, v2) && aligned(a.q, v2) &&
-                     aligned(a.k, v2) && aligned(a.v, v2);
-    dispatch_ppl(a.D, [&](auto ppl) {
-      qkv_fwd_kernel<T, decltype(ppl)::value>
-          <<<ceil_div(warps, kFwdWarpsPerBlock), kFwdWarpsPerBlock * kWarp, 0, stream>>>(a, vec);
-    });
+    constexpr int kVec = 16 / static_cast<int>(sizeof(T));  // elements per 16 bytes
+    // Calls launch(ROPE, HALF): the pairing's variant with rope, the interleaved layout without.
+    const auto with_pairing = [&](auto launch) {
+      if (!a.rope.coords) launch(std::false_type{}, std::false_type{});
+      else if (a.rope.half_pairing) launch(std::true_type{}, std::true_type{});
+      else launch(std::true_type{}, std::false_type{});
+    };
+    if (a.D == 64 || a.D == 128) {
+      // A 16-byte chunk per lane: kVec / 2 interleaved pairs, or kVec half pairs in two.
+      const auto with_hd = [&](auto hd) {
+        with_pairing([&](auto rope, auto half) {
+          launch_fwd<T, decltype(hd)::value, decltype(half)::value ? kVec : kVec / 2, decltype(rope)::value,
+                     decltype(half)::value>(a, stream);
+        });
+      };
+      if (a.D == 64) with_hd(std::integral_constant<int, 64>{});
+      else with_hd(std::integral_constant<int, 128>{});
+    } else {
+      dispatch_ppl(a.D, [&](auto ppl) {
+        with_pairing([&](auto rope, auto half) {
+          launch_fwd<T, 0, decltype(ppl)::value, decltype(rope)::value, decltype(half)::value>(a, stream);
+        });
+      });
+    }
   });
   check_last_launch("qkv_proj_fwd");
 }

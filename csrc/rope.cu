@@ -44,18 +44,26 @@ struct Params {
 // and with it the workspace, depends on P only.
 inline int tile_tokens(int P) { return kPairsPerThread * std::max(1, kThreads / P); }
 
-// Blocks to aim for: about 4 waves of the 4 blocks an SM holds (launch bounds) on a
-// 132-SM GPU, so grids end in whole waves at the SPEC workloads
-// (tools/kernel_report.py); a constant, not the device's SM count, so the d freqs
-// reduction order depends on the shapes only.
-constexpr long long kTargetBlocks = 2048;
+// Resident blocks of a 132-SM GPU at 4 blocks of 256 threads per SM (launch bounds):
+// a constant, not the device's count, so the d freqs reduction order (which follows
+// the head grouping) depends on the shapes only.
+constexpr long long kSlots = 4 * 132;
 
 inline int heads_per_block(int B, int L, int P, int Htot) {
-  // Split the heads over blocks only when tokens x batch cannot fill a large GPU.
-  const long long blocks = (long long)ceil_div(L, tile_tokens(P)) * B;
-  const long long splits =
-      std::min<long long>(Htot, std::max<long long>(1, (kTargetBlocks + blocks - 1) / std::max(blocks, 1LL)));
-  return (int)((Htot + splits - 1) / splits);
+  // Heads are split over blocks only as far as needed: to fill one wave, then to the
+  // first split that ends in whole waves (>= 0.85 of the last one busy,
+  // tools/kernel_report.py's gate); every split repeats the block's sin/cos work.
+  const long long blocks = std::max<long long>(1, (long long)ceil_div(L, tile_tokens(P)) * B);
+  long long best_per = Htot;
+  double best_eff = -1.0;
+  for (long long s = std::min<long long>(Htot, (kSlots + blocks - 1) / blocks); s <= Htot; ++s) {
+    const long long per = (Htot + s - 1) / s;
+    const long long grid = blocks * ((Htot + per - 1) / per);
+    const double eff = double(grid) / double((grid + kSlots - 1) / kSlots * kSlots);
+    if (eff > best_eff + 1e-9) best_eff = eff, best_per = per;
+    if (eff >= 0.85) break;
+  }
+  return (int)best_per;
 }
 
 template <typename T, int N>

@@ -494,15 +494,28 @@ def test_rope_table(emu_rope, dtype, inter, B, Hq, Hk, L, D, batch_table, layout
 # --------------------------------------------------------------- qkv_proj
 
 # id: B, L, H, D, dtype, bias, l2 norm, q_scale, coords kind (None: no rope), axes, half pairing,
-#     per-head freqs, grad layout, pairs per lane of the kernels (D <= 64: 1, <= 128: 2, else 4)
+#     per-head freqs, grad layout, forward variant (HD: head_dim 64 / 128 or 0 for any other; PPL:
+#     pairs per lane; HALF: half pairing, with rope only; VEC: 16-byte vectors with HD, 2-element
+#     ones without), backward pairs per lane (D <= 64: 1, <= 128: 2, else 4)
 QKV_CASES = {
-    "VAR": (2, 13, 2, 64, f32, True, True, True, None, 0, False, False, "contig", 1),
-    "VAR-bf16": (1, 21, 2, 64, bf16, True, True, True, None, 0, False, False, "BLHD", 1),
-    "Infinity-rope": (1, 25, 2, 128, f32, False, True, False, "grid", 2, False, False, "contig", 2),
-    "Infinity-half-fp16": (3, 9, 1, 128, f16, True, True, True, "grid", 2, True, False, "Dstride", 2),
-    "perhead-half-batchcoords-3chunks": (2, 75, 3, 32, f32, True, False, True, "batch", 3, True, True, "BLHD", 1),
-    "oddM-D40-perhead": (1, 37, 2, 40, bf16, True, True, True, "rand", 1, False, True, "contig", 1),
-    "D256-half-4axes": (2, 3, 2, 256, f32, False, True, False, "rand", 4, True, True, "Dstride", 4),
+    "VAR": (2, 13, 2, 64, f32, True, True, True, None, 0, False, False, "contig",
+            "HD = 64; int PPL = 2; bool ROPE = false; bool HALF = false; bool VEC = true", 1),
+    "VAR-bf16": (1, 21, 2, 64, bf16, True, True, True, None, 0, False, False, "BLHD",
+                 "HD = 64; int PPL = 4; bool ROPE = false; bool HALF = false; bool VEC = true", 1),
+    # 3 H x 32 lanes > 512 threads: two passes of a block over the heads
+    "Infinity-rope-2passes": (1, 25, 6, 128, f32, False, True, False, "grid", 2, False, False, "contig",
+                              "HD = 128; int PPL = 2; bool ROPE = true; bool HALF = false; bool VEC = true", 2),
+    "Infinity-half-fp16": (3, 9, 1, 128, f16, True, True, True, "grid", 2, True, False, "Dstride",
+                           "HD = 128; int PPL = 8; bool ROPE = true; bool HALF = true; bool VEC = true", 2),
+    # 3 H x 4 lanes = 36: the second warp has one live head
+    "D64-half-perhead-bf16-partialwarp": (1, 7, 3, 64, bf16, True, True, True, "rand", 2, True, True, "BLHD",
+                                          "HD = 64; int PPL = 8; bool ROPE = true; bool HALF = true; bool VEC = true", 1),
+    "perhead-half-batchcoords-3chunks": (2, 75, 3, 32, f32, True, False, True, "batch", 3, True, True, "BLHD",
+                                         "HD = 0; int PPL = 1; bool ROPE = true; bool HALF = true; bool VEC = false", 1),
+    "oddM-D40-perhead": (1, 37, 2, 40, bf16, True, True, True, "rand", 1, False, True, "contig",
+                         "HD = 0; int PPL = 1; bool ROPE = true; bool HALF = false; bool VEC = true", 1),
+    "D256-half-4axes": (2, 3, 2, 256, f32, False, True, False, "rand", 4, True, True, "Dstride",
+                        "HD = 0; int PPL = 4; bool ROPE = true; bool HALF = true; bool VEC = false", 4),
 }
 
 
@@ -517,7 +530,7 @@ def _qkv_grad(t, layout):
 
 @pytest.mark.parametrize("case", list(QKV_CASES))
 def test_qkv_proj(emu_qkv, case):
-    B, L, H, D, dtype, bias, norm, qs, coords_kind, A, half, per_head, glayout, ppl = QKV_CASES[case]
+    B, L, H, D, dtype, bias, norm, qs, coords_kind, A, half, per_head, glayout, fwd_variant, ppl = QKV_CASES[case]
     torch.manual_seed(len(case))
     C = H * D
     x = torch.randn(B, L, C, dtype=dtype).requires_grad_()
@@ -537,7 +550,7 @@ def test_qkv_proj(emu_qkv, case):
         freqs = (torch.rand(H, A, D // 2) if per_head else torch.rand(A, D // 2)).requires_grad_()
 
     q, k, v, _ = Q._fwd_op(x, w, b, q_scale, coords, freqs, H, norm, half, "cuda")
-    _ran(emu_qkv, f"qkv_fwd_kernel(posenc::QkvProjFwdArgs, bool) [with T = {_CTYPE[dtype]}; int PPL = {ppl}]")
+    _ran(emu_qkv, f"qkv_fwd_kernel(posenc::QkvProjFwdArgs) [with T = {_CTYPE[dtype]}; int {fwd_variant}]")
     pairing = "half" if half else "interleaved"
     exp = qkv_ref.qkv_proj(x, w, b, num_heads=H, qk_l2norm=norm, q_scale=q_scale, coords=coords, freqs=freqs,
                            pairing=pairing)
@@ -574,11 +587,12 @@ def test_qkv_proj(emu_qkv, case):
 
 # id: B, L (this scale's tokens), cache_start, L_max, H, D, dtype, rope, cache layout
 #     ("BHLD": contiguous; "BLHD": a (B, L_max, H, D) buffer seen as (B, H, L_max, D);
-#     "padded": head rows of D + 1 elements, odd strides, so the scalar store path runs)
+#     "padded": head rows of D + 1 elements, odd strides, so the scalar path runs), forward variant
 QKV_CACHE_CASES = {
-    "VAR-first-scale": (3, 1, 0, 14, 2, 64, f32, False, "BHLD"),
-    "VAR-bf16-mid": (1, 9, 5, 17, 2, 64, bf16, False, "BLHD"),
-    "Infinity-rope-last-rows": (3, 4, 10, 14, 1, 128, f16, True, "padded"),
+    "VAR-first-scale": (3, 1, 0, 14, 2, 64, f32, False, "BHLD", "HD = 64; int PPL = 2; bool ROPE = false; bool HALF = false; bool VEC = true"),
+    "VAR-bf16-mid": (1, 9, 5, 17, 2, 64, bf16, False, "BLHD", "HD = 64; int PPL = 4; bool ROPE = false; bool HALF = false; bool VEC = true"),
+    "Infinity-rope-last-rows": (3, 4, 10, 14, 1, 128, f16, True, "padded",
+                                "HD = 128; int PPL = 4; bool ROPE = true; bool HALF = false; bool VEC = false"),
 }
 
 
@@ -586,7 +600,7 @@ QKV_CACHE_CASES = {
 def test_qkv_proj_kv_cache_append(emu_qkv, case):
     """The epilogue writes k, v straight into the cache rows [start, start + n): equal
     to the plain outputs, every other row untouched (NaN poison stays)."""
-    B, L, start, L_max, H, D, dtype, rope, layout = QKV_CACHE_CASES[case]
+    B, L, start, L_max, H, D, dtype, rope, layout, fwd_variant = QKV_CACHE_CASES[case]
     torch.manual_seed(len(case))
     C = H * D
     x = torch.randn(B, L, C, dtype=dtype)
@@ -605,7 +619,7 @@ def test_qkv_proj_kv_cache_append(emu_qkv, case):
 
     kc, vc = cache(), cache()
     q = Q._cached_op(x, w, b, q_scale, coords, freqs, kc, vc, start, H, True, False, "cuda")
-    _ran(emu_qkv, f"qkv_fwd_kernel(posenc::QkvProjFwdArgs, bool) [with T = {_CTYPE[dtype]}")
+    _ran(emu_qkv, f"qkv_fwd_kernel(posenc::QkvProjFwdArgs) [with T = {_CTYPE[dtype]}; int {fwd_variant}]")
     q0, k0, v0, _ = Q._fwd_op(x, w, b, q_scale, coords, freqs, H, True, False, "cuda")
     assert torch.equal(q, q0)
     assert torch.equal(kc[:, :, start:start + L], k0) and torch.equal(vc[:, :, start:start + L], v0)

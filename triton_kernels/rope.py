@@ -18,11 +18,13 @@ The launcher assumes arguments validated by ``posenc_fast.ops.rope``.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
-from ._launch import cdiv, next_power_of_2, num_sms
+from ._launch import cdiv, next_power_of_2, num_sms, wave_efficiency
 
 
 @triton.jit
@@ -227,13 +229,29 @@ def grid_shape(B: int, L: int, P: int, Hq: int, Hk: int, device: torch.device):
     BLOCK_L = max(1, min(next_power_of_2(max(L, 1)), 2048 // BLOCK_P))
     n_l = cdiv(L, BLOCK_L)
     heads = Hq + Hk
-    # About 4 waves of the ~5 programs an SM holds (93 registers x 4 warps on sm_90,
-    # tools/kernel_report.py): whole-wave grids at the SPEC workloads, while each
-    # program still shares its sin/cos over several heads.
-    want = 20 * num_sms(device)
-    n_h = max(1, min(heads, cdiv(want, max(n_l * B, 1))))
-    per = cdiv(heads, n_h)
+    per = _heads_per_program(max(n_l * B, 1), heads, PROGRAMS_PER_SM * num_sms(device))
     return BLOCK_L, n_l, cdiv(heads, per), per
+
+
+# Programs of _rope_kernel an SM holds (93 registers x 4 warps on sm_90); the kernel
+# report's wave gate fails if this stops being true at the SPEC workloads.
+PROGRAMS_PER_SM = 5
+
+
+@functools.lru_cache(maxsize=1024)
+def _heads_per_program(blocks: int, heads: int, slots: int) -> int:
+    """Heads split over programs only as far as needed: to fill one wave, then to the
+    first split that ends in whole waves (>= 0.85 of the last one busy); every split
+    repeats the program's sin/cos work."""
+    best_per, best_eff = heads, -1.0
+    for s in range(min(heads, cdiv(slots, blocks)), heads + 1):
+        per = cdiv(heads, s)
+        eff = wave_efficiency(blocks * cdiv(heads, per), slots)
+        if eff > best_eff + 1e-9:
+            best_eff, best_per = eff, per
+        if eff >= 0.85:
+            break
+    return best_per
 
 
 def apply_rope(q, k, q_out, k_out, coords, coord_strides, freqs, *, interleaved: bool, conjugate: bool,

@@ -377,10 +377,10 @@ def _backend_limits(D: int, coords: Optional[torch.Tensor]):
 
 
 # The evidence until GPU measurements replace it (README, Performance): at training
-# sizes the fused Triton GEMM is predicted several times faster than cuBLAS plus the
-# CUDA epilogue pass (tools/kernel_report.py: bytes 2.5x the minimum, issue-bound
-# epilogue); at sampling sizes (few rows) host time decides, and the CUDA path's is
-# the lower (bench/host_overhead.py: no Triton launcher).
+# sizes both paths are predicted at the GEMM's FLOP bound and the fused Triton GEMM
+# moves the minimum bytes, where cuBLAS plus the CUDA epilogue moves 2.5x
+# (tools/kernel_report.py); at sampling sizes (few rows) host time decides, and the
+# CUDA path's is the lower (bench/host_overhead.py: no Triton launcher).
 _SAMPLING_ROWS = 1024
 
 
