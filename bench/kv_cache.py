@@ -37,7 +37,6 @@ import argparse
 import contextlib
 import json
 import platform
-import statistics
 import sys
 import weakref
 from pathlib import Path
@@ -54,7 +53,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import posenc_fast as pf  # noqa: E402
 from posenc_fast.nn.attention import FusedSelfAttention, _projection_params, attention_qkv  # noqa: E402
-from harness import git_commit, versions  # noqa: E402
+from harness import git_commit, time_ms, versions  # noqa: E402
 
 VAR_PN = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)  # L = 680
 INFINITY_PN = (1, 2, 4, 6, 8, 12, 16, 20, 24, 32, 40, 48, 64)  # 1:1 up to 64x64, L = 10521
@@ -145,18 +144,9 @@ def count(layers, xs: List[torch.Tensor], L: int, mode: str) -> Dict[str, int]:
     return {"copied_bytes": traffic.copied, "peak_bytes": traffic.peak}
 
 
-def _time_ms(fn: Callable[[], object], reps: int = 10) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+def _time_ms(fn: Callable[[], object]) -> float:
+    """A whole sampling run is long: fewer repeats than the per-op benchmarks."""
+    return time_ms(fn, warmup=3, rep=10)
 
 
 def gpu_measure(layers, xs, L: int) -> Dict[str, Dict[str, float]]:
