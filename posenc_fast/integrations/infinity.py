@@ -40,7 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import _backends
-from ..nn.attention import KV_CACHE, KV_LEN, _kv_buffers, reset_kv_cache
+from ..nn.attention import _PARAMS_CACHE, KV_CACHE, KV_LEN, _kv_buffers, _projection_params, reset_kv_cache
 from ..ops.qkv_proj import qkv_proj
 from ..ops.rope import apply_rope, apply_rope_
 
@@ -98,10 +98,7 @@ def _forward(self, x: torch.Tensor, attn_bias_or_two_vector, attn_fn=None, scale
              rope2d_freqs_grid=None, scale_ind: int = 0) -> torch.Tensor:
     B, L, C = x.shape
     H = self.num_heads
-    q_scale = None
-    if self.cos_attn:
-        q_scale = self.scale_mul_1H11.clamp_max(self.max_scale_mul).exp().reshape(H)
-    bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
+    q_scale, bias = _projection_params(self, bool(self.cos_attn))
     backend = self.__dict__[_BACKEND]
     # Sampling with the SDPA layout: k and v go straight into one (B, H, L_max, D)
     # buffer pair per run (qkv_proj's KV-cache append; L_max = the schedule's tokens)
@@ -202,7 +199,7 @@ def unpatch_infinity(module: nn.Module) -> nn.Module:
         raise ValueError(f"unpatch_infinity: this {type(module).__name__} is not patched by patch_infinity")
     for m, previous in saved:
         m.__dict__.pop(_BACKEND, None)
-        for key in (KV_CACHE, KV_LEN):
+        for key in (KV_CACHE, KV_LEN, _PARAMS_CACHE):
             m.__dict__.pop(key, None)
         for name, method in previous.items():
             if method is None:

@@ -50,13 +50,14 @@ KV_CACHE = "_posenc_fast_kv_cache"  # instance attribute: (k_cache, v_cache) of 
 KV_LEN = "_posenc_fast_kv_len"  # instance attribute: L_max, the tokens of the whole pyramid
 
 
-def _projection_params(attn: nn.Module):
+def _projection_params(attn: nn.Module, l2_norm: Optional[bool] = None):
     """qkv_proj's q_scale (clamped exp of ``scale_mul_1H11``, or None) and packed
     q | 0 | v bias. Without autograd (sampling) they are cached on the module until a
     parameter changes (in-place update, load, move: its version or address changes),
-    which saves the host four small ops per block and scale."""
-    params = (attn.q_bias, attn.zero_k_bias, attn.v_bias) + (
-        (attn.scale_mul_1H11,) if attn.attn_l2_norm else ())
+    which saves the host four small ops per block and scale. ``l2_norm``: cosine
+    attention on (default: ``attn.attn_l2_norm``, VAR's name; Infinity's is ``cos_attn``)."""
+    l2_norm = attn.attn_l2_norm if l2_norm is None else l2_norm
+    params = (attn.q_bias, attn.zero_k_bias, attn.v_bias) + ((attn.scale_mul_1H11,) if l2_norm else ())
     key = None
     if not torch.is_grad_enabled():
         key = tuple((p._version, p.data_ptr(), p.dtype) for p in params)
@@ -64,7 +65,7 @@ def _projection_params(attn: nn.Module):
         if cached is not None and cached[0] == key:
             return cached[1], cached[2]
     q_scale = None
-    if attn.attn_l2_norm:
+    if l2_norm:
         q_scale = attn.scale_mul_1H11.clamp_max(attn.max_scale_mul).exp().reshape(attn.num_heads)
     bias = torch.cat(params[:3])
     if key is not None:
