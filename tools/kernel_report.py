@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
 import re
 import subprocess
@@ -53,6 +52,7 @@ from typing import Dict, List, Optional, Tuple
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 os.environ.pop("TRITON_INTERPRET", None)
+from posenc_fast.triton_kernels._launch import cdiv, wave_efficiency  # noqa: E402  (the launchers' own arithmetic)
 
 # Spec-sheet H100 SXM5 figures: the basis of the predictions (labelled as such).
 H100 = dict(sms=132, clock_hz=1.98e9, hbm_bytes_s=3.35e12, bf16_flops_s=989e12, issue_per_sm_clk=4)
@@ -323,7 +323,7 @@ def bytes_model(op: str, direction: str, backend: str, w: Workload, launches: Li
             splits = max(l.grid[2] for l in launches)
             moved = minimum + (splits - 1) * (L * C + S * C) * E + L * 3 * 4
             return moved, minimum, f"x + out once; pos/lvl re-read by {splits} batch slices; token table"
-        chunks = sum(_cdiv(x * x, 8) for x in VAR_PN)
+        chunks = sum(cdiv(x * x, 8) for x in VAR_PN)
         minimum = (B * L * C + L * C + S * C) * E
         return minimum + 2 * chunks * C * 4, minimum, "grad once; fp32 per-chunk partials written and read"
     if op == "apply_rope":
@@ -493,17 +493,13 @@ def _match_cuda(launch: Launch, facts: Dict[str, Facts]) -> Tuple[str, Facts]:
     raise KeyError(f"no compiled CUDA kernel matches {launch.kernel} {values}")
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 # -------------------------------------------------------------------- analysis
 
 def occupancy(arch: int, regs: int, threads: int, shared: int) -> Tuple[int, float]:
     """(resident blocks per SM, theoretical occupancy)."""
     regs_sm, max_warps, max_blocks, smem_sm, smem_res, _ = ARCH[arch]
-    warps = _cdiv(threads, 32)
-    per_warp = _cdiv(max(regs, 1) * 32, 256) * 256
+    warps = cdiv(threads, 32)
+    per_warp = cdiv(max(regs, 1) * 32, 256) * 256
     by_regs = regs_sm // (per_warp * warps)
     by_warps = max_warps // warps
     by_smem = smem_sm // (shared + smem_res) if shared else max_blocks
@@ -565,12 +561,12 @@ def analyse(archs: List[int]) -> Tuple[List[Row], List[dict]]:
                             slots = max(1, blocks * ARCH[arch][5])
                             grid = l.grid[0] * l.grid[1] * l.grid[2]
                             waves = grid / slots
-                            eff = grid / (math.ceil(waves) * slots) if grid else 1.0
+                            eff = wave_efficiency(grid, slots) if grid else 1.0
                             r = Row(op, direction, w.name, w.headline, backend, arch, name, l.config, grid, threads,
                                     f.regs, f.spill_stores + f.spill_loads, f.shared + l.shared_dynamic, occ, waves, eff,
                                     f.sass,
                                     sorted(set(f.ldg_bits)), sorted(set(f.stg_bits)), f.has_loop,
-                                    f.sass * grid * _cdiv(threads, 32))
+                                    f.sass * grid * cdiv(threads, 32))
                             kernel_rows.append(r)
                     _gate(kernel_rows, call)
                     rows += kernel_rows
