@@ -149,8 +149,9 @@ __device__ void block_reduce_store(const Params& p, float (&acc)[kMaxAxes][VP], 
 }
 
 // 4 blocks of 256 threads per SM keep enough 16-byte loads in flight; the d freqs
-// variant trades occupancy for its accumulators (no spills).
-template <typename T, bool INTERLEAVED, int VP, bool VEC, bool DFREQS>
+// variant trades occupancy for its accumulators (no spills). FULL: a full-width
+// table (4 planes), whose pairs' second elements have their own cos / sin.
+template <typename T, bool INTERLEAVED, int VP, bool VEC, bool DFREQS, bool FULL>
 __global__ void __launch_bounds__(kThreads, DFREQS ? 2 : 4) rope_kernel(const Params p) {
   constexpr int NT = kPairsPerThread / VP;  // tokens per thread
   extern __shared__ float red[];
@@ -168,17 +169,29 @@ __global__ void __launch_bounds__(kThreads, DFREQS ? 2 : 4) rope_kernel(const Pa
     tok[i] = (tl < p.tile && l0 + tl < p.L) ? l0 + tl : -1;
   }
 
-  float cs[NT][VP], sn[NT][VP];
+  // y0 = x0 cs - x1 sn, y1 = x0 sn1 + x1 cs1; cs1 / sn1 differ from cs / sn only
+  // for a full-width table.
+  constexpr int N1 = FULL ? NT : 1, V1 = FULL ? VP : 1;
+  float cs[NT][VP], sn[NT][VP], cs1[N1][V1], sn1[N1][V1];
   auto angles = [&](const float* f) {
 #pragma unroll
     for (int i = 0; i < NT; ++i) {
       if (tok[i] < 0) continue;
 #pragma unroll
       for (int v = 0; v < VP; ++v) {
-        if (p.A == 0) {  // table mode: coords is the (2, B or 1, L, P) cos/sin table, cs[2] its plane stride
-          cs[i][v] = cb[tok[i] * p.cs[1] + j0 + v];
-          const float s = cb[p.cs[2] + tok[i] * p.cs[1] + j0 + v];
-          sn[i][v] = p.conjugate ? -s : s;
+        if (p.A == 0) {  // table mode: coords is the (2 or 4, B or 1, L, P) table, cs[2] its plane stride
+          const float* t = cb + tok[i] * p.cs[1] + j0 + v;
+          cs[i][v] = t[0];
+          const float s = t[p.cs[2]];
+          if constexpr (FULL) {
+            cs1[i][v] = t[2 * p.cs[2]];
+            const float s1 = t[3 * p.cs[2]];
+            // The transpose (backward) swaps the two sines.
+            sn[i][v] = p.conjugate ? -s1 : s;
+            sn1[i][v] = p.conjugate ? -s : s1;
+          } else {
+            sn[i][v] = p.conjugate ? -s : s;
+          }
           continue;
         }
         // Round each product, then add in axis order: the reference's arithmetic.
@@ -225,7 +238,8 @@ __global__ void __launch_bounds__(kThreads, DFREQS ? 2 : 4) rope_kernel(const Pa
 #pragma unroll
       for (int v = 0; v < VP; ++v) {
         y0[v] = x0[v] * cs[i][v] - x1[v] * sn[i][v];
-        y1[v] = x0[v] * sn[i][v] + x1[v] * cs[i][v];
+        if constexpr (FULL) y1[v] = x0[v] * sn1[i][v] + x1[v] * cs1[i][v];
+        else y1[v] = x0[v] * sn[i][v] + x1[v] * cs[i][v];
       }
       store_pairs<T, VP, INTERLEAVED, VEC>(ob + tok[i] * os[2], os[3], j0, p.P, y0, y1);
       if constexpr (DFREQS) {
@@ -284,12 +298,12 @@ bool vec_ok(const RopeTensor& t, int elems) {
   return true;
 }
 
-template <typename T, bool INTERLEAVED, int VP, bool VEC, bool DFREQS>
+template <typename T, bool INTERLEAVED, int VP, bool VEC, bool DFREQS, bool FULL = false>
 void launch(const Params& p, int B, int n_lblocks, int n_hsplit, cudaStream_t stream) {
   const int TX = p.P / VP;
   const int TY = std::max(1, kThreads / TX);
   const size_t smem = DFREQS ? sizeof(float) * kMaxAxes * VP * TX * TY : 0;
-  rope_kernel<T, INTERLEAVED, VP, VEC, DFREQS>
+  rope_kernel<T, INTERLEAVED, VP, VEC, DFREQS, FULL>
       <<<dim3(n_lblocks, B, n_hsplit), dim3(TX, TY), smem, stream>>>(p);
   check_last_launch("rope_kernel");
 }
@@ -306,9 +320,11 @@ void dispatch_vec(const RopeArgs& args, const Params& p, int n_lblocks, int n_hs
   }
   if (vec) {
     if (dfreqs) launch<T, INTERLEAVED, V, true, true>(p, args.B, n_lblocks, n_hsplit, stream);
+    else if (args.full_table) launch<T, INTERLEAVED, V, true, false, true>(p, args.B, n_lblocks, n_hsplit, stream);
     else launch<T, INTERLEAVED, V, true, false>(p, args.B, n_lblocks, n_hsplit, stream);
   } else {
     if (dfreqs) launch<T, INTERLEAVED, 1, false, true>(p, args.B, n_lblocks, n_hsplit, stream);
+    else if (args.full_table) launch<T, INTERLEAVED, 1, false, false, true>(p, args.B, n_lblocks, n_hsplit, stream);
     else launch<T, INTERLEAVED, 1, false, false>(p, args.B, n_lblocks, n_hsplit, stream);
   }
 }
@@ -342,6 +358,7 @@ void rope_apply(const RopeArgs& args, int device, cudaStream_t stream) {
   POSENC_CHECK_ARG(args.A >= 0 && args.A <= kMaxAxes, "rope: the cuda backend supports 1 to 4 axes (0: a table)");
   POSENC_CHECK_ARG(args.A > 0 || (!args.per_head && args.dfreqs == nullptr),
                    "rope: a cos/sin table (A = 0) has no per-head freqs and no d freqs");
+  POSENC_CHECK_ARG(!args.full_table || args.A == 0, "rope: full_table needs a table (A = 0)");
   POSENC_CHECK_ARG(!args.per_head || args.Hk == 0 || args.Hk == args.Hq,
                    "rope: per-head freqs need as many k heads as q heads");
   const bool dfreqs = args.dfreqs != nullptr;

@@ -10,8 +10,9 @@ from .ops.pyramid import pyramid_pos_level_add  # noqa: E402
 from .nn.pyramid import PyramidPosLevelEmbedding  # noqa: E402
 
 # -- 2D rotary family (Infinity, STAR, HART, ViTs) --
-from .ops.rope import (apply_rope, apply_rope_, axial_rope_freqs, hart_rope, infinitystar_coords,  # noqa: E402
-                       infinitystar_rope_freqs, mrope_freqs, pyramid_coords, rope_1d_freqs, rope_mixed_freqs)
+from .ops.rope import (apply_rope, apply_rope_, axial_rope_freqs, hart_rope, hart_rope_tables,  # noqa: E402
+                       infinitystar_coords, infinitystar_rope_freqs, mrope_freqs, pyramid_coords, rope_1d_freqs,
+                       rope_mixed_freqs)
 from .nn.rope import PyramidRoPE  # noqa: E402
 
 # -- additive encodings of the wider family (FlexVAR, NaViT, Pix2Struct, sin-cos, DETR, SAM) --
@@ -28,7 +29,8 @@ __all__ = [
     "BACKENDS", "available_backends", "use_backend",
     "pyramid_pos_level_add", "PyramidPosLevelEmbedding",
     "apply_rope", "apply_rope_", "pyramid_coords", "axial_rope_freqs", "rope_1d_freqs", "mrope_freqs",
-    "rope_mixed_freqs", "infinitystar_rope_freqs", "infinitystar_coords", "hart_rope", "PyramidRoPE",
+    "rope_mixed_freqs", "infinitystar_rope_freqs", "infinitystar_coords", "hart_rope", "hart_rope_tables",
+    "PyramidRoPE",
     "pos_embed_add", "pos_embed_table", "FlexVARPosEmbedding", "NaViTPosEmbedding", "Pix2StructPosEmbedding",
     "SinCosPosEmbedding", "DETRPositionEmbeddingSine", "SAMPositionEmbeddingRandom",
     "qkv_proj",

@@ -456,22 +456,26 @@ def test_rope(emu_rope, case):
         assert torch.equal(k2, ko)
 
 
-@pytest.mark.parametrize("dtype,inter,B,Hq,Hk,L,D,batch_table,layout,variant", [
-    (f32, True, 2, 2, 2, 20, 64, False, "BHLD", "VEC = true"),
-    (bf16, False, 3, 2, 1, 9, 32, True, "BLHD", "VEC = true"),
-    (f16, True, 1, 2, 0, 11, 24, False, "Dstride", "VEC = false"),
+@pytest.mark.parametrize("dtype,inter,B,Hq,Hk,L,D,batch_table,layout,width,variant", [
+    (f32, True, 2, 2, 2, 20, 64, False, "BHLD", "pairs", "VEC = true; bool DFREQS = false; bool FULL = false"),
+    (bf16, False, 3, 2, 1, 9, 32, True, "BLHD", "pairs", "VEC = true; bool DFREQS = false; bool FULL = false"),
+    (f16, True, 1, 2, 0, 11, 24, False, "Dstride", "pairs", "VEC = false; bool DFREQS = false; bool FULL = false"),
+    (bf16, False, 2, 3, 2, 13, 64, False, "BLHD", "full", "VEC = true; bool DFREQS = false; bool FULL = true"),
+    (f32, True, 3, 2, 1, 9, 24, True, "Dstride", "full", "VEC = false; bool DFREQS = false; bool FULL = true"),
 ])
-def test_rope_table(emu_rope, dtype, inter, B, Hq, Hk, L, D, batch_table, layout, variant):
+def test_rope_table(emu_rope, dtype, inter, B, Hq, Hk, L, D, batch_table, layout, width, variant):
     """Table-defined rotation (A = 0: the kernel reads cos/sin instead of computing
-    angles), forward, the conjugate-rotation backward and in place."""
+    angles; full width: 4 planes, HF / HART style), forward, the transposed backward
+    and in place."""
     torch.manual_seed(D + L)
     pairing = "interleaved" if inter else "half"
     q = _rope_qk(B, Hq, L, D, dtype, layout).requires_grad_()
     k = _rope_qk(B, Hk, L, D, dtype, layout).requires_grad_() if Hk else None
-    shape = (B, L, D // 2) if batch_table else (L, D // 2)
+    cols = D // 2 if width == "pairs" else D
+    shape = (B, L, cols) if batch_table else (L, cols)
     ang = torch.randn(shape) * 4
     cos, sin = ang.cos() * 0.9, ang.sin() * 1.1  # resampled tables are not rotations
-    table, no_axes = R._kernel_inputs(q, None, None, cos, sin)  # what apply_rope hands the kernels
+    table, no_axes = R._kernel_inputs(q, None, None, cos, sin, pairing)  # what apply_rope hands the kernels
     qo, ko = R._rope_op(q, k, table, no_axes, inter, False, "cuda")
     ko = ko if k is not None else None
     _ran(emu_rope, variant)

@@ -332,7 +332,10 @@ def test_cuda_extension_exposes_rope():
     s4 = [0, 0, 0, 1]
     with pytest.raises(ValueError, match="1 to 4 axes"):  # argument errors before any CUDA call
         lib.rope_apply(0, s4, 0, s4, 0, s4, 0, s4, 0, s4, 0, s4, 0, 0, [0, 0, 0], 0, [0, 0, 0],
-                       1, 1, 0, 1, 16, 5, False, True, False, 0, 0, 0, 0)
+                       1, 1, 0, 1, 16, 5, False, True, False, False, 0, 0, 0, 0)
+    with pytest.raises(ValueError, match="full_table needs a table"):
+        lib.rope_apply(0, s4, 0, s4, 0, s4, 0, s4, 0, s4, 0, s4, 0, 0, [0, 0, 0], 0, [0, 0, 0],
+                       1, 1, 0, 1, 16, 2, False, True, False, True, 0, 0, 0, 0)
 
 
 # ------------------------------------------------------------------ GPU only

@@ -42,15 +42,24 @@ def _angles(c_base, scl, sca, f_base, sfa, sfp, offs_l, offs_p, l_ok, p_ok,
 
 
 @triton.jit
-def _table(t_base, stl, plane, offs_l, offs_p, l_ok, p_ok, CONJ: tl.constexpr):
-    """cos and sin of a tile from a (2, ..., L, P) fp32 table (A = 0: table mode)."""
+def _table(t_base, stl, plane, offs_l, offs_p, l_ok, p_ok, CONJ: tl.constexpr, FULL_TABLE: tl.constexpr):
+    """(cos0, sin0, cos1, sin1) of a tile (A = 0: table mode): y0 = x0 cos0 - x1 sin0,
+    y1 = x0 sin1 + x1 cos1. From a (2, ..., L, P) fp32 table, or a (4, ..., L, P)
+    full-width one with separate entries for the pairs' second elements; its
+    transpose (CONJ) swaps the two sines."""
     m = l_ok[:, None] & p_ok[None, :]
     off = offs_l[:, None] * stl + offs_p[None, :]
     cos = tl.load(t_base + off, mask=m, other=0.0)
     sin = tl.load(t_base + plane + off, mask=m, other=0.0)
+    if FULL_TABLE:
+        cos1 = tl.load(t_base + 2 * plane + off, mask=m, other=0.0)
+        sin1 = tl.load(t_base + 3 * plane + off, mask=m, other=0.0)
+        if CONJ:
+            return cos, -sin1, cos1, -sin
+        return cos, sin, cos1, sin1
     if CONJ:
         sin = -sin
-    return cos, sin
+    return cos, sin, cos, sin
 
 
 @triton.jit
@@ -110,12 +119,14 @@ def _store_pairs(base, sl, sd, offs_l, offs_p, l_ok, P, y0, y1, INTERLEAVED: tl.
 
 
 @triton.jit
-def _rotate_head(x_base, sxl, sxd, o_base, sol, sod, y_base, syl, syd, cos, sin,
+def _rotate_head(x_base, sxl, sxd, o_base, sol, sod, y_base, syl, syd, cos, sin, cos1, sin1,
                  offs_l, offs_p, l_ok, P, INTERLEAVED: tl.constexpr, EVEN_P: tl.constexpr, DFREQS: tl.constexpr):
-    """Rotates one head's tile; returns dangle (zeros unless DFREQS)."""
+    """Rotates one head's tile (cos1 / sin1: the pairs' second elements, the same
+    tensors as cos / sin except for full-width tables); returns dangle (zeros unless
+    DFREQS)."""
     x0, x1 = _load_pairs(x_base, sxl, sxd, offs_l, offs_p, l_ok, P, INTERLEAVED, EVEN_P)
     _store_pairs(o_base, sol, sod, offs_l, offs_p, l_ok, P,
-                 x0 * cos - x1 * sin, x0 * sin + x1 * cos, INTERLEAVED, EVEN_P)
+                 x0 * cos - x1 * sin, x0 * sin1 + x1 * cos1, INTERLEAVED, EVEN_P)
     if DFREQS:
         y0, y1 = _load_pairs(y_base, syl, syd, offs_l, offs_p, l_ok, P, INTERLEAVED, EVEN_P)
         dang = x1 * y0 - x0 * y1
@@ -141,7 +152,7 @@ def _store_partial(part_ptr, row, acc, A, P, BLOCK_A: tl.constexpr, BLOCK_P: tl.
 
 @triton.jit
 def _rotate_heads(x_ptr, o_ptr, y_ptr, sxb, sxh, sxl, sxd, sob, soh, sol, sod, syb, syh, syl, syd,
-                  b, h_begin, h_end, cos, sin, acc, coords, part_ptr, part_row0, Hq,
+                  b, h_begin, h_end, cos, sin, cos1, sin1, acc, coords, part_ptr, part_row0, Hq,
                   c_base, scl, sca, f_ptr, sfh, sfa, sfp, offs_l, offs_p, l_ok, p_ok, P,
                   A: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr,
                   INTERLEAVED: tl.constexpr, CONJ: tl.constexpr, PER_HEAD: tl.constexpr,
@@ -152,10 +163,11 @@ def _rotate_heads(x_ptr, o_ptr, y_ptr, sxb, sxh, sxl, sxd, sob, soh, sol, sod, s
         if PER_HEAD:
             cs, sn = _angles(c_base, scl, sca, f_ptr + h * sfh, sfa, sfp, offs_l, offs_p, l_ok, p_ok,
                              A, CONJ, BLOCK_L, BLOCK_P)
+            cs1, sn1 = cs, sn
         else:
-            cs, sn = cos, sin
+            cs, sn, cs1, sn1 = cos, sin, cos1, sin1
         dang = _rotate_head(x_ptr + b * sxb + h * sxh, sxl, sxd, o_ptr + b * sob + h * soh, sol, sod,
-                            y_ptr + b * syb + h * syh, syl, syd, cs, sn, offs_l, offs_p, l_ok, P,
+                            y_ptr + b * syb + h * syh, syl, syd, cs, sn, cs1, sn1, offs_l, offs_p, l_ok, P,
                             INTERLEAVED, EVEN_P, DFREQS)
         if DFREQS:
             contrib = tl.sum(dang[:, None, :] * coords[:, :, None], axis=0)
@@ -175,7 +187,7 @@ def _rope_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, qy_ptr, ky_ptr, c_ptr, f_ptr, par
                  scb, scl, sca, sfh, sfa, sfp,
                  A: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr,
                  INTERLEAVED: tl.constexpr, CONJ: tl.constexpr, PER_HEAD: tl.constexpr,
-                 DFREQS: tl.constexpr, EVEN_P: tl.constexpr):
+                 DFREQS: tl.constexpr, EVEN_P: tl.constexpr, FULL_TABLE: tl.constexpr):
     pid_l = tl.program_id(0)
     pid_b = tl.program_id(1)
     pid_h = tl.program_id(2)
@@ -186,13 +198,14 @@ def _rope_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, qy_ptr, ky_ptr, c_ptr, f_ptr, par
     p_ok = offs_p < P
     b = pid_b.to(tl.int64)
     c_base = c_ptr + b * scb
-    if A == 0:  # table mode: c_ptr holds the (2, B or 1, L, P) cos/sin table, sca its plane stride
-        cos, sin = _table(c_base, scl, sca, offs_l, offs_p, l_ok, p_ok, CONJ)
+    if A == 0:  # table mode: c_ptr holds the (2 or 4, B or 1, L, P) table, sca its plane stride
+        cos, sin, cos1, sin1 = _table(c_base, scl, sca, offs_l, offs_p, l_ok, p_ok, CONJ, FULL_TABLE)
     elif PER_HEAD:
-        cos, sin = 0.0, 0.0  # computed per head in _rotate_heads
+        cos, sin, cos1, sin1 = 0.0, 0.0, 0.0, 0.0  # computed per head in _rotate_heads
     else:
         cos, sin = _angles(c_base, scl, sca, f_ptr, sfa, sfp, offs_l, offs_p, l_ok, p_ok,
                            A, CONJ, BLOCK_L, BLOCK_P)
+        cos1, sin1 = cos, sin
     if DFREQS:
         coords = _coord_tile(c_base, scl, sca, offs_l, l_ok, A, BLOCK_A)
         acc = tl.zeros((BLOCK_A, BLOCK_P), dtype=tl.float32)
@@ -205,11 +218,11 @@ def _rope_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, qy_ptr, ky_ptr, c_ptr, f_ptr, par
     # q heads [h_lo, h_hi) ∩ [0, Hq), then k heads; per-head partial rows are
     # (slot, q or k, head).
     acc = _rotate_heads(q_ptr, qo_ptr, qy_ptr, sqb, sqh, sql, sqd, sqob, sqoh, sqol, sqod, sqyb, sqyh, sqyl, sqyd,
-                        b, h_lo, tl.minimum(h_hi, Hq), cos, sin, acc, coords, part_ptr, slot * n_kinds * Hq, Hq,
+                        b, h_lo, tl.minimum(h_hi, Hq), cos, sin, cos1, sin1, acc, coords, part_ptr, slot * n_kinds * Hq, Hq,
                         c_base, scl, sca, f_ptr, sfh, sfa, sfp, offs_l, offs_p, l_ok, p_ok, P,
                         A, BLOCK_A, BLOCK_L, BLOCK_P, INTERLEAVED, CONJ, PER_HEAD, DFREQS, EVEN_P)
     acc = _rotate_heads(k_ptr, ko_ptr, ky_ptr, skb, skh, skl, skd, skob, skoh, skol, skod, skyb, skyh, skyl, skyd,
-                        b, tl.maximum(h_lo, Hq) - Hq, h_hi - Hq, cos, sin, acc, coords, part_ptr,
+                        b, tl.maximum(h_lo, Hq) - Hq, h_hi - Hq, cos, sin, cos1, sin1, acc, coords, part_ptr,
                         (slot * n_kinds + 1) * Hq, Hq,
                         c_base, scl, sca, f_ptr, sfh, sfa, sfp, offs_l, offs_p, l_ok, p_ok, P,
                         A, BLOCK_A, BLOCK_L, BLOCK_P, INTERLEAVED, CONJ, PER_HEAD, DFREQS, EVEN_P)
@@ -255,13 +268,14 @@ def _heads_per_program(blocks: int, heads: int, slots: int) -> int:
 
 
 def apply_rope(q, k, q_out, k_out, coords, coord_strides, freqs, *, interleaved: bool, conjugate: bool,
-               q_saved=None, k_saved=None, partial=None) -> None:
+               q_saved=None, k_saved=None, partial=None, full_table: bool = False) -> None:
     """Rotates q (B, Hq, L, D) into q_out and k (B, Hk, L, D) (or None) into k_out.
 
     coords: fp32 (L, A) or (B or 1, L, A), read through ``coord_strides`` (batch,
     token, axis; batch stride 0 for shared coords); or, with freqs (0, P) (no axes), a
-    contiguous (2, B or 1, L, P) cos/sin table with ``coord_strides`` (batch, token,
-    plane); freqs: fp32
+    contiguous (2, B or 1, L, P) cos/sin table (``full_table``: (4, B or 1, L, P), cos
+    and sin of the pairs' first, then second elements) with ``coord_strides`` (batch,
+    token, plane); freqs: fp32
     (A, P) or per head (Hq, A, P). ``partial`` (fp32, see ``partial_rows``) turns on
     the d freqs reduction, which needs the forward outputs ``q_saved`` / ``k_saved``
     (k only when k is given); q/k are then the output gradients."""
@@ -285,7 +299,7 @@ def apply_rope(q, k, q_out, k_out, coords, coord_strides, freqs, *, interleaved:
         *coord_strides, *fs,
         A=A, BLOCK_A=max(1, next_power_of_2(A)), BLOCK_L=BLOCK_L, BLOCK_P=next_power_of_2(P),
         INTERLEAVED=interleaved, CONJ=conjugate, PER_HEAD=per_head, DFREQS=dfreqs,
-        EVEN_P=P == next_power_of_2(P),
+        EVEN_P=P == next_power_of_2(P), FULL_TABLE=full_table,
     )
 
 

@@ -27,8 +27,8 @@ PyObject* apply(PyObject*, PyObject* const* args, Py_ssize_t nargs, PyObject* kw
   static const char* const names[] = {
       "q", "q_strides", "k", "k_strides", "q_out", "q_out_strides", "k_out", "k_out_strides", "q_saved",
       "q_saved_strides", "k_saved", "k_saved_strides", "dtype", "coords", "coord_strides", "freqs",
-      "freq_strides", "B", "Hq", "Hk", "L", "D", "A", "per_head", "interleaved", "conjugate", "workspace",
-      "dfreqs", "device", "stream"};
+      "freq_strides", "B", "Hq", "Hk", "L", "D", "A", "per_head", "interleaved", "conjugate", "full_table",
+      "workspace", "dfreqs", "device", "stream"};
   Args p("rope_apply", names, args, nargs, kwnames);
   posenc::RopeArgs a;
   a.x[0] = tensor4(p, 0);
@@ -43,11 +43,11 @@ PyObject* apply(PyObject*, PyObject* const* args, Py_ssize_t nargs, PyObject* kw
   a.freqs = static_cast<const float*>(p.ptr(15));
   p.strides(16, a.freq_stride, 3);
   a.B = p.i32(17); a.Hq = p.i32(18); a.Hk = p.i32(19); a.L = p.i32(20); a.D = p.i32(21); a.A = p.i32(22);
-  a.per_head = p.flag(23); a.interleaved = p.flag(24); a.conjugate = p.flag(25);
-  a.workspace = static_cast<float*>(p.ptr(26));
-  a.dfreqs = static_cast<float*>(p.ptr(27));
-  const int device = p.i32(28);
-  cudaStream_t stream = as_stream(p.ptr(29));
+  a.per_head = p.flag(23); a.interleaved = p.flag(24); a.conjugate = p.flag(25); a.full_table = p.flag(26);
+  a.workspace = static_cast<float*>(p.ptr(27));
+  a.dfreqs = static_cast<float*>(p.ptr(28));
+  const int device = p.i32(29);
+  cudaStream_t stream = as_stream(p.ptr(30));
   if (p.failed()) return nullptr;
   return call_core([&] {
     a.dtype = as_dtype(dtype);

@@ -23,7 +23,7 @@ import torch
 from .. import _backends, _checks, _fastpath
 from .. import _cuda
 from ..reference import rope as ref
-from ..reference.rope import (PAIRINGS, axial_rope_freqs, hart_rope, infinitystar_coords,  # noqa: F401
+from ..reference.rope import (PAIRINGS, axial_rope_freqs, hart_rope_tables, infinitystar_coords,  # noqa: F401
                               infinitystar_rope_freqs, mrope_freqs, pyramid_coords, rope_1d_freqs,
                               rope_mixed_freqs)
 
@@ -73,9 +73,15 @@ def _no_axes(P: int, device: torch.device) -> torch.Tensor:
     return torch.empty((0, P), dtype=torch.float32, device=device)
 
 
-def _pack_table(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """(2, B or 1, L, P) contiguous fp32 cos/sin table."""
-    t = torch.stack((cos, sin)).to(torch.float32)
+def _pack_table(cos: torch.Tensor, sin: torch.Tensor, D: int, pairing: str) -> torch.Tensor:
+    """(2, B or 1, L, P) contiguous fp32 cos/sin table; a full-width table (last dim
+    D) becomes (4, B or 1, L, P): cos and sin of the pairs' first elements, then of
+    their second elements."""
+    if cos.shape[-1] == D:
+        (c0, c1), (s0, s1) = ref._split_pairs(cos, pairing), ref._split_pairs(sin, pairing)
+        t = torch.stack((c0, s0, c1, s1)).to(torch.float32)
+    else:
+        t = torch.stack((cos, sin)).to(torch.float32)
     return (t[:, None] if t.dim() == 3 else t).contiguous()
 
 
@@ -84,6 +90,7 @@ def _launch(q, k, q_out, k_out, coords, freqs, interleaved, conjugate, backend,
     """Runs the rotation kernel; with ``dfreqs`` (fp32, shaped like freqs) also the
     deterministic d freqs reduction into it, from the saved forward outputs. With
     freqs of no axes, ``coords`` is a packed cos/sin table (``_pack_table``)."""
+    full_table = freqs.shape[-2] == 0 and coords.shape[0] == 4
     if freqs.shape[-2] == 0:  # (batch, token, plane) strides of the table
         cs = (coords.stride(1) if coords.shape[1] > 1 else 0, coords.stride(2), coords.stride(0))
     else:
@@ -100,7 +107,7 @@ def _launch(q, k, q_out, k_out, coords, freqs, interleaved, conjugate, backend,
             rows = tk.partial_rows(B, L, D // 2, Hq, Hk, per_head, q.device)
             partial = _checks.empty((rows, A, D // 2), dtype=torch.float32, device=q.device)
         tk.apply_rope(q, k, q_out, k_out, coords, cs, freqs, interleaved=interleaved, conjugate=conjugate,
-                      q_saved=q_saved, k_saved=k_saved, partial=partial)
+                      q_saved=q_saved, k_saved=k_saved, partial=partial, full_table=full_table)
         if dfreqs is not None:
             # Stage two of the reduction: a fixed-order sum over the partials.
             if per_head:
@@ -122,7 +129,7 @@ def _launch(q, k, q_out, k_out, coords, freqs, interleaved, conjugate, backend,
             _cuda.ptr(q_out), list(q_out.stride()), _cuda.ptr(ko), list(ko.stride()),
             _cuda.ptr(qy), list(qy.stride()), _cuda.ptr(ky), list(ky.stride()), _cuda.dtype_code(q),
             coords.data_ptr(), list(cs),
-            _cuda.ptr(freqs), fstr, B, Hq, Hk, L, D, A, per_head, interleaved, conjugate,
+            _cuda.ptr(freqs), fstr, B, Hq, Hk, L, D, A, per_head, interleaved, conjugate, full_table,
             _cuda.ptr(workspace), _cuda.ptr(dfreqs), q.device.index, _cuda.stream(q.device))
     else:
         raise ValueError(f"posenc_fast::{OP} has no kernel for backend {backend!r}")
@@ -284,7 +291,8 @@ def _validate(q, k, coords, freqs, pairing):
 
 
 def _validate_table(q, k, cos, sin, pairing):
-    """Checks of a table-defined rotation: cos and sin (L, D/2) or (B, L, D/2)."""
+    """Checks of a table-defined rotation: cos and sin (L, D/2) or (B, L, D/2), or
+    full width (L, D) or (B, L, D)."""
     _checks.check_tensor("q", q, ndim=4)
     _checks.check_float_tensor("cos", cos, ndim=(2, 3))
     _checks.check_float_tensor("sin", sin, ndim=(2, 3))
@@ -292,10 +300,10 @@ def _validate_table(q, k, cos, sin, pairing):
     device = _checks.check_same_device(q=q, k=k, cos=cos, sin=sin)
     if cos.shape != sin.shape:
         raise ValueError(f"cos and sin must have one shape, got {tuple(cos.shape)} and {tuple(sin.shape)}")
-    want = (L, D // 2) if cos.dim() == 2 else (B, L, D // 2)
-    if tuple(cos.shape) != want:
+    lead = (L,) if cos.dim() == 2 else (B, L)
+    if tuple(cos.shape) not in (lead + (D // 2,), lead + (D,)):
         raise ValueError(f"cos and sin must be (L, D/2) = ({L}, {D // 2}) or (B, L, D/2) = ({B}, {L}, {D // 2}), "
-                         f"got {tuple(cos.shape)}")
+                         f"or full width (L, D) or (B, L, D) with D = {D}, got {tuple(cos.shape)}")
     return device
 
 
@@ -357,11 +365,11 @@ def _plan(q, k, coords, freqs, cos, sin, pairing, backend, inplace: bool = False
     return name
 
 
-def _kernel_inputs(q, coords, freqs, cos, sin):
+def _kernel_inputs(q, coords, freqs, cos, sin, pairing):
     """(coords, freqs) as the kernels take them: fp32 angles inputs, or a packed
     cos/sin table with freqs of no axes."""
     if cos is not None:
-        return _pack_table(cos, sin), _no_axes(q.shape[-1] // 2, q.device)
+        return _pack_table(cos, sin, q.shape[-1], pairing), _no_axes(q.shape[-1] // 2, q.device)
     return _fp32(coords), _fp32(freqs)
 
 
@@ -395,14 +403,19 @@ def apply_rope(q: torch.Tensor, k: Optional[torch.Tensor], coords: Optional[torc
         cos, sin: instead of coords and freqs, per-token tables (L, D/2) or
             (B, L, D/2), any float dtype, applied in fp32: pair j of token l becomes
             ``(x0 cos - x1 sin, x0 sin + x1 cos)``. For Infinity's mode-1 tables
-            (resampled, so cos^2 + sin^2 != 1) and flash-attn / HF / vLLM-style caches.
+            (resampled, so cos^2 + sin^2 != 1) and flash-attn / vLLM-style caches.
+            Full-width tables (L, D) or (B, L, D) give every element its own entry,
+            split into pairs like q: ``(x0 cos0 - x1 sin0, x0 sin1 + x1 cos1)``; with
+            ``pairing="half"`` that is HF's ``q * cos + rotate_half(q) * sin`` on its
+            (L, D) caches, and HART's per-element angles (``hart_rope``).
             A 16-bit table has already rounded its values (about 3 significant digits
             in bf16: angle errors up to ~4e-3 rad): keep tables in fp32.
         pairing: ``"interleaved"`` (dims 2j, 2j+1; Infinity) or ``"half"`` (dims j,
             j + D/2; NeoX / Qwen2-VL).
         rotary_dim: partial rotary (flash-attn, TE, vLLM, GPT-NeoX ``rotary_pct``):
             only dims [0, rotary_dim) rotate, as a head of that size (freqs and tables
-            then have rotary_dim / 2 pairs); the rest pass through. The rotated part
+            then have rotary_dim / 2 pairs, or rotary_dim entries at full width); the
+            rest pass through. The rotated part
             and the rest are joined with one copy (not fused into the kernel yet).
         backend: None, "auto", "cuda", "triton" or "reference".
 
@@ -417,11 +430,15 @@ def apply_rope(q: torch.Tensor, k: Optional[torch.Tensor], coords: Optional[torc
         return (torch.cat((qr, q[..., r:]), dim=-1),
                 None if k is None else torch.cat((kr, k[..., r:]), dim=-1))
     name = _plan(q, k, coords, freqs, cos, sin, pairing, backend)
+    return _apply_planned(name, q, k, coords, freqs, cos, sin, pairing)
+
+
+def _apply_planned(name, q, k, coords, freqs, cos, sin, pairing):
     if name == "reference":
         if cos is not None:
             return ref.apply_rope_table(q, k, cos, sin, pairing=pairing)
         return ref.apply_rope(q, k, coords, freqs, pairing=pairing)
-    coords, freqs = _kernel_inputs(q, coords, freqs, cos, sin)
+    coords, freqs = _kernel_inputs(q, coords, freqs, cos, sin, pairing)
     args = (q, k, coords, freqs, pairing == "interleaved", False, name)
     if not _fastpath.eager(q, k, coords, freqs):
         q_out, k_out = _rope_op(*args)
@@ -430,6 +447,38 @@ def apply_rope(q: torch.Tensor, k: Optional[torch.Tensor], coords: Optional[torc
     else:
         q_out, k_out = _forward(*args)
     return q_out, (k_out if k is not None else None)
+
+
+def hart_rope(q: torch.Tensor, k: Optional[torch.Tensor], positions: torch.Tensor, *, base: float = 10000.0,
+              backend: Optional[str] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """HART's 2D embedding of its image tokens (mit-han-lab/hart): per-element angles
+    ``[row*theta | row*theta | col*theta | col*theta]`` applied rotate-half style, which
+    is not a rotation (see ``posenc_fast.reference.rope.hart_rope`` for the math).
+
+    q (B, H, L, D) with D a multiple of 4, k likewise or None; positions (L, 2) or
+    (B, L, 2) (row, col), e.g. ``pyramid_coords(patch_nums, mode="fractional")``.
+    The fused backends run it as ``apply_rope`` with HART's full-width tables
+    (``hart_rope_tables``) and ``pairing="half"``: math in fp32, rounded once, like
+    HART's fused CUDA kernel. The reference backend reproduces HART's torch path
+    bit for bit (cos / sin rounded to the input dtype, products in it); the two agree
+    within fp32 rounding in fp32 and within the dtype's rounding in fp16 / bf16. To reuse the
+    tables across layers, build them once with ``hart_rope_tables`` and call
+    ``apply_rope(q, k, cos=cos, sin=sin, pairing="half")``. Gradients flow to q and k.
+    """
+    _checks.check_tensor("q", q, ndim=4)
+    _checks.check_float_tensor("positions", positions, ndim=(2, 3))
+    D = q.shape[-1]
+    if D % 4:
+        raise ValueError(f"hart_rope needs q's head dim to be a multiple of 4, got {D}")
+    if positions.shape[-1] != 2 or positions.shape[-2] != q.shape[-2]:
+        raise ValueError(f"positions must be (L, 2) or (B, L, 2) with L = {q.shape[-2]} (row, col), "
+                         f"got {tuple(positions.shape)}")
+    _checks.check_no_grad("positions", positions, "hart_rope gives no gradient for positions")
+    cos, sin = hart_rope_tables(positions, D, base=base)
+    name = _plan(q, k, None, None, cos, sin, "half", backend)
+    if name == "reference":
+        return ref.hart_rope(q, k, positions, base=base)
+    return _apply_planned(name, q, k, None, None, cos, sin, "half")
 
 
 def apply_rope_(q: torch.Tensor, k: Optional[torch.Tensor], coords: Optional[torch.Tensor] = None,
@@ -467,7 +516,7 @@ def apply_rope_(q: torch.Tensor, k: Optional[torch.Tensor], coords: Optional[tor
             k.copy_(k_out)
         return q, k
     interleaved = pairing == "interleaved"
-    c, f = _kernel_inputs(q, coords, freqs, cos, sin)
+    c, f = _kernel_inputs(q, coords, freqs, cos, sin, pairing)
     if torch.is_grad_enabled() and f.requires_grad:
         # d freqs needs the rotated values, which a later write to the same buffer
         # (k after q in a packed qkv tensor) would clobber: rotate out of place into

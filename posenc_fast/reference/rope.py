@@ -279,6 +279,29 @@ def infinitystar_coords(schedule: Sequence[Tuple[int, int, int]], *, time: str =
     return torch.cat(parts, dim=0).contiguous()
 
 
+def hart_rope_tables(positions: torch.Tensor, head_dim: int, *,
+                     base: float = 10000.0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """HART's fp32 per-element cos / sin tables, (L, D) or (B, L, D) like ``positions``
+    (row, col): angles ``[row*theta | row*theta | col*theta | col*theta]`` in blocks of
+    D/4, ``theta_i = base^(-4i/D)`` computed like HART (``arange(0, D, 4) / D``)."""
+    if not isinstance(head_dim, int) or head_dim <= 0 or head_dim % 4:
+        raise ValueError(f"head_dim must be a positive multiple of 4, got {head_dim!r}")
+    if not isinstance(positions, torch.Tensor) or positions.dim() not in (2, 3) or positions.shape[-1] != 2:
+        raise ValueError(f"positions must be (L, 2) or (B, L, 2) (row, col), got "
+                         f"{tuple(positions.shape) if isinstance(positions, torch.Tensor) else type(positions)}")
+    if not (isinstance(base, (int, float)) and base > 0):
+        raise ValueError(f"base must be a positive number, got {base!r}")
+    device_type = positions.device.type if positions.device.type in ("cuda", "cpu", "xpu") else "cpu"
+    with torch.autocast(device_type=device_type, enabled=False):
+        theta = 1.0 / (base ** (torch.arange(0, head_dim, 4, dtype=torch.int64).float() / head_dim))
+        pos = positions.float()
+        theta = theta.to(pos.device)
+        row = pos[..., 0:1] * theta  # (..., L, D/4)
+        col = pos[..., 1:2] * theta
+        emb = torch.cat([row, row, col, col], dim=-1)
+        return emb.cos(), emb.sin()
+
+
 def hart_rope(q: torch.Tensor, k: Optional[torch.Tensor], positions: torch.Tensor, *,
               base: float = 10000.0) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """HART's 2D "rotary" embedding of its image tokens, reproduced exactly (its torch
@@ -289,7 +312,7 @@ def hart_rope(q: torch.Tensor, k: Optional[torch.Tensor], positions: torch.Tenso
     q (B, H, L, D), k likewise or None; positions (L, 2) or (B, L, 2) (row, col), e.g.
     ``pyramid_coords(patch_nums, mode="fractional")``. With ``theta_i = base^(-4i/D)``,
     i < D/4, every element d of the head gets its own angle ``e[d]``, in blocks of D/4:
-    ``[row*theta | row*theta | col*theta | col*theta]``, and
+    ``[row*theta | row*theta | col*theta | col*theta]`` (``hart_rope_tables``), and
 
         out[d]       = x[d]       cos e[d]       - x[d + D/2] sin e[d]        d < D/2
         out[d + D/2] = x[d + D/2] cos e[d + D/2] + x[d]       sin e[d + D/2]
@@ -310,21 +333,12 @@ def hart_rope(q: torch.Tensor, k: Optional[torch.Tensor], positions: torch.Tenso
     if positions.dim() not in (2, 3) or positions.shape[-1] != 2 or positions.shape[-2] != q.shape[-2]:
         raise ValueError(f"positions must be (L, 2) or (B, L, 2) with L = {q.shape[-2]}, "
                          f"got {tuple(positions.shape)}")
-    if not (isinstance(base, (int, float)) and base > 0):
-        raise ValueError(f"base must be a positive number, got {base!r}")
+    cos, sin = hart_rope_tables(positions, head_dim, base=base)
+    if cos.dim() == 2:
+        cos, sin = cos[None], sin[None]
+    cos, sin = cos[:, None], sin[:, None]  # (B|1, 1, L, D)
     device_type = q.device.type if q.device.type in ("cuda", "cpu", "xpu") else "cpu"
     with torch.autocast(device_type=device_type, enabled=False):
-        theta = 1.0 / (base ** (torch.arange(0, head_dim, 4, dtype=torch.int64).float() / head_dim))
-        pos = positions.float()
-        theta = theta.to(pos.device)
-        row = pos[..., 0:1] * theta  # (..., L, D/4)
-        col = pos[..., 1:2] * theta
-        emb = torch.cat([row, row, col, col], dim=-1)
-        if emb.dim() == 2:
-            emb = emb[None]
-        emb = emb[:, None]  # (B|1, 1, L, D)
-        cos, sin = emb.cos(), emb.sin()
-
         def _apply(x: torch.Tensor) -> torch.Tensor:
             half = head_dim // 2
             rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
@@ -349,19 +363,32 @@ def rope_angles(coords: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     return (c * f).sum(dim=-2)
 
 
+def _split_pairs(t: torch.Tensor, pairing: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The first and second elements of the pairs of the last dim."""
+    if pairing == "interleaved":
+        return t[..., 0::2], t[..., 1::2]
+    half = t.shape[-1] // 2
+    return t[..., :half], t[..., half:]
+
+
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pairing: str = "interleaved") -> torch.Tensor:
     """Rotates the pairs of the last dim of ``x`` (..., D) by angles whose cos / sin
-    broadcast against (..., D/2); the result has x's dtype, math in fp32 (or wider)."""
+    broadcast against (..., D/2); the result has x's dtype, math in fp32 (or wider).
+
+    Full-width cos / sin (last dim D) give each element its own entry, split into
+    pairs like x: ``y0 = x0 cos0 - x1 sin0``, ``y1 = x0 sin1 + x1 cos1`` -- with
+    pairing "half" that is HF's ``x * cos + rotate_half(x) * sin``."""
     if pairing not in PAIRINGS:
         raise ValueError(f"pairing must be one of {PAIRINGS}, got {pairing!r}")
     xf = x.to(torch.promote_types(torch.promote_types(x.dtype, cos.dtype), torch.float32))
-    if pairing == "interleaved":
-        x0, x1 = xf[..., 0::2], xf[..., 1::2]
+    x0, x1 = _split_pairs(xf, pairing)
+    if cos.shape[-1] == x.shape[-1] and x.shape[-1] > 1:
+        (c0, c1), (s0, s1) = _split_pairs(cos, pairing), _split_pairs(sin, pairing)
     else:
-        half = xf.shape[-1] // 2
-        x0, x1 = xf[..., :half], xf[..., half:]
-    y0 = x0 * cos - x1 * sin
-    y1 = x0 * sin + x1 * cos
+        c0 = c1 = cos
+        s0 = s1 = sin
+    y0 = x0 * c0 - x1 * s0
+    y1 = x0 * s1 + x1 * c1
     if pairing == "interleaved":
         y = torch.stack([y0, y1], dim=-1).flatten(-2)
     else:
@@ -389,6 +416,8 @@ def apply_rope_table(q: torch.Tensor, k: Optional[torch.Tensor], cos: torch.Tens
     becomes ``(x0 cos[l, j] - x1 sin[l, j], x0 sin[l, j] + x1 cos[l, j])``. cos and sin
     (L, D/2) or (B, L, D/2), any float dtype, applied in fp32; they need not satisfy
     cos^2 + sin^2 = 1 (Infinity's mode-1 tables are resampled, not rotations).
+    Full-width tables (L, D) or (B, L, D) hold one entry per element, split into
+    pairs like q (HF-style caches; HART's per-element angles): see ``rotate``.
     Differentiable in q and k."""
     device_type = q.device.type if q.device.type in ("cuda", "cpu", "xpu") else "cpu"
     with torch.autocast(device_type=device_type, enabled=False):

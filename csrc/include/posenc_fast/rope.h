@@ -5,7 +5,9 @@
 // (x0, x1) -> (x0 cos - x1 sin, x0 sin + x1 cos), negated angle when `conjugate`.
 // With A = 0 (a table-defined rotation), `coords` is a (2, B or 1, L, P) fp32 table
 // of cos (plane 0) and sin (plane 1), coord_stride = (batch, token, plane) with unit
-// pair stride; freqs, per_head and d freqs do not apply.
+// pair stride; freqs, per_head and d freqs do not apply. With `full_table` it has 4
+// planes, cos0, sin0, cos1, sin1: y0 = x0 cos0 - x1 sin0, y1 = x0 sin1 + x1 cos1
+// (per-element tables, e.g. HF's (L, D) caches); `conjugate` applies the transpose.
 #pragma once
 
 #include <cstddef>
@@ -34,6 +36,7 @@ struct RopeArgs {
   bool per_head = false;              // freqs differ per head (then Hk is 0 or Hq)
   bool interleaved = true;
   bool conjugate = false;
+  bool full_table = false;            // A = 0 only: a 4-plane table (see above)
   // d freqs: with x = the output gradients, also reduce
   // sum_{b, l, heads} (x1 * saved0 - x0 * saved1) * coords[b, l, a]
   // into dfreqs, (Hq, A, P) per head or (A, P), contiguous fp32. The reduction is
