@@ -30,7 +30,12 @@ AVAILABLE = "available"
 _AUTO_ORDER: Dict[str, Sequence[str]] = {}
 _DEFAULT_AUTO_ORDER = ("cuda", "triton", "reference")
 
-_local = threading.local()
+class _Local(threading.local):
+    def __init__(self):
+        self.stack = []  # use_backend's names, innermost last, per thread
+
+
+_local = _Local()
 
 
 def _check_name(name: str, what: str) -> str:
@@ -109,8 +114,6 @@ def available_backends(device: torch.device | str | None = None) -> Dict[str, st
 
 
 def _stack() -> list:
-    if not hasattr(_local, "stack"):
-        _local.stack = []
     return _local.stack
 
 
@@ -133,10 +136,26 @@ def requested_backend(backend: Optional[str] = None) -> str:
     stack = _stack()
     if stack:
         return stack[-1]
-    env = os.environ.get(ENV_VAR)
+    env = _env_backend()
     if env:
         return _check_name(env.strip().lower(), f"environment variable {ENV_VAR}")
     return "auto"
+
+
+try:
+    # os.environ's own dict (kept in sync by os.environ and monkeypatch.setenv): a
+    # lookup there costs a tenth of os.environ.get, which encodes the key on every
+    # call -- and every op call reads the variable.
+    _ENV_DATA, _ENV_KEY, _decode = os.environ._data, os.environ.encodekey(ENV_VAR), os.environ.decodevalue
+except AttributeError:  # not CPython's os.environ
+    _ENV_DATA = None
+
+
+def _env_backend() -> Optional[str]:
+    if _ENV_DATA is None:
+        return os.environ.get(ENV_VAR)
+    v = _ENV_DATA.get(_ENV_KEY)
+    return None if v is None else _decode(v)
 
 
 def resolve_backend(op: str, backend: Optional[str], device: torch.device,

@@ -77,8 +77,12 @@ def empty(shape, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
 
 
 def empty_like(t: torch.Tensor, *, dtype: torch.dtype) -> torch.Tensor:
-    """Contiguous output buffer shaped like ``t`` (cheaper on the host than ``empty``)."""
-    out = torch.empty_like(t, dtype=dtype, memory_format=torch.contiguous_format)
+    """Contiguous output buffer shaped like ``t`` (cheaper on the host than ``empty``;
+    without keywords, cheaper still, where that is contiguous too)."""
+    if dtype == t.dtype and t.is_contiguous():
+        out = torch.empty_like(t)
+    else:
+        out = torch.empty_like(t, dtype=dtype, memory_format=torch.contiguous_format)
     if _POISON:
         out.fill_(float("nan"))
     return out

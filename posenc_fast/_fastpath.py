@@ -35,6 +35,29 @@ def eager(*tensors: Optional[torch.Tensor]) -> bool:
     return True
 
 
+CUSTOM_OP, AUTOGRAD, DIRECT = "custom op", "autograd", "direct"
+
+
+def route(*tensors: Optional[torch.Tensor]) -> str:
+    """How a call runs: ``DIRECT`` (plain eager, no gradient needed: the launcher
+    itself), ``AUTOGRAD`` (plain eager with a gradient: the autograd Function) or
+    ``CUSTOM_OP`` (anything traced or transformed): ``eager`` and ``needs_autograd``
+    in one pass, for the ops whose whole host time is a few microseconds."""
+    if _is_compiling() or _dispatch_modes() or _functorch_level() is not None or _function_modes():
+        return CUSTOM_OP
+    if torch._C._get_tracing_state() is not None:
+        return CUSTOM_OP
+    grad = torch.is_grad_enabled()
+    needs = False
+    for t in tensors:
+        if t is not None:
+            if type(t) not in _PLAIN:
+                return CUSTOM_OP
+            if grad and t.requires_grad:
+                needs = True
+    return AUTOGRAD if needs else DIRECT
+
+
 def pick(custom_op: Callable, impl: Callable, *tensors: Optional[torch.Tensor]) -> Callable:
     """For backward formulas: ``impl`` in plain eager mode, else the custom op. A
     backward runs with grad mode on only under create_graph=True: then the custom op,
@@ -65,6 +88,13 @@ class PlanCache:
     def __init__(self, capacity: int = 4096):
         self._plans: Dict[Hashable, object] = {}
         self._capacity = capacity
+
+    def lookup(self, key: Optional[Hashable]):
+        """The plan of ``key``, or None (not cached, no key, or an unhashable one)."""
+        try:
+            return self._plans.get(key)
+        except TypeError:
+            return None
 
     def get(self, key: Optional[Hashable], build: Callable[[], object]):
         if key is None:

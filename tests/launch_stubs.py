@@ -29,10 +29,15 @@ class _StubLibrary:
 
     def __getattr__(self, name):
         if name == "qkv_proj_bwd_rows_per_chunk":
-            return lambda: 64
-        if name == "rope_workspace_floats":
-            return lambda *a: 1
-        return lambda *a: None
+            fn = lambda: 64  # noqa: E731
+        elif name == "rope_workspace_floats":
+            fn = lambda *a: 1  # noqa: E731
+        else:
+            fn = lambda *a: None  # noqa: E731
+        # Kept as an attribute: later calls find it like the module's own functions,
+        # so the stub costs no more host time than the entry point it replaces.
+        setattr(self, name, fn)
+        return fn
 
 
 def _triton_modules():

@@ -140,21 +140,29 @@ def _fwd_tiling(B: int, n: int, C: int, slots: int):
     return best[1:]
 
 
+@functools.lru_cache(maxsize=1024)
+def _fwd_config(B: int, n: int, C: int, device: torch.device):
+    """(grid, BLOCK_C, BLOCK_T, batch rows per program), cached per shape: at sampling
+    sizes the launcher's host time is the op's cost."""
+    BLOCK_C, BLOCK_T, b_per_prog = _fwd_tiling(B, n, C, FWD_PROGRAMS_PER_SM * num_sms(device))
+    return (cdiv(n, BLOCK_T), cdiv(C, BLOCK_C), cdiv(B, b_per_prog)), BLOCK_C, BLOCK_T, b_per_prog
+
+
 def pyramid_pos_level_add_fwd(x, pos, lvl, token_meta, out, *, start: int, pos_weight: float,
                               sincos_weight: float) -> None:
     """Writes ``out`` (contiguous (B, n, C)). ``pos`` is (L, C), (1, L, C) or None."""
     B, n, C = x.shape
     if B == 0 or n == 0:
         return
-    BLOCK_C, BLOCK_T, b_per_prog = _fwd_tiling(B, n, C, FWD_PROGRAMS_PER_SM * num_sms(x.device))
-    grid = (cdiv(n, BLOCK_T), cdiv(C, BLOCK_C), cdiv(B, b_per_prog))
+    grid, BLOCK_C, BLOCK_T, b_per_prog = _fwd_config(B, n, C, x.device)
     has_pos = pos is not None
+    sx, sl = x.stride(), lvl.stride()
     _fwd_kernel[grid](
         x, pos if has_pos else lvl, lvl, token_meta, out,
         B, n, C, start, b_per_prog,
-        x.stride(0), x.stride(1), x.stride(2),
+        sx[0], sx[1], sx[2],
         pos.stride(-2) if has_pos else 0, pos.stride(-1) if has_pos else 0,
-        lvl.stride(0), lvl.stride(1),
+        sl[0], sl[1],
         float(pos_weight), float(sincos_weight), -_LN_10000 / max(C // 2, 1),
         HAS_POS=has_pos, HAS_SINCOS=sincos_weight != 0.0,
         BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C,

@@ -218,7 +218,8 @@ def _rope_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, qy_ptr, ky_ptr, c_ptr, f_ptr, par
     # q heads [h_lo, h_hi) ∩ [0, Hq), then k heads; per-head partial rows are
     # (slot, q or k, head).
     acc = _rotate_heads(q_ptr, qo_ptr, qy_ptr, sqb, sqh, sql, sqd, sqob, sqoh, sqol, sqod, sqyb, sqyh, sqyl, sqyd,
-                        b, h_lo, tl.minimum(h_hi, Hq), cos, sin, cos1, sin1, acc, coords, part_ptr, slot * n_kinds * Hq, Hq,
+                        b, h_lo, tl.minimum(h_hi, Hq), cos, sin, cos1, sin1, acc, coords, part_ptr,
+                        slot * n_kinds * Hq, Hq,
                         c_base, scl, sca, f_ptr, sfh, sfa, sfp, offs_l, offs_p, l_ok, p_ok, P,
                         A, BLOCK_A, BLOCK_L, BLOCK_P, INTERLEAVED, CONJ, PER_HEAD, DFREQS, EVEN_P)
     acc = _rotate_heads(k_ptr, ko_ptr, ky_ptr, skb, skh, skl, skd, skob, skoh, skol, skod, skyb, skyh, skyl, skyd,
