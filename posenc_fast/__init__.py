@@ -11,7 +11,8 @@ from .nn.pyramid import PyramidPosLevelEmbedding  # noqa: E402
 
 # -- 2D rotary family (Infinity, STAR, HART, ViTs) --
 from .ops.rope import (apply_rope, apply_rope_, axial_rope_freqs, hart_rope, hart_rope_tables,  # noqa: E402
-                       infinitystar_coords, infinitystar_rope_freqs, mrope_freqs, pyramid_coords, rope_1d_freqs,
+                       infinitystar_coords, infinitystar_coords4d, infinitystar_rope4d_freqs, infinitystar_rope_freqs,
+                       infinitystar_text_coords4d, mrope_freqs, pyramid_coords, rope_1d_freqs,
                        rope_mixed_freqs)
 from .nn.rope import PyramidRoPE  # noqa: E402
 
@@ -29,7 +30,8 @@ __all__ = [
     "BACKENDS", "available_backends", "use_backend",
     "pyramid_pos_level_add", "PyramidPosLevelEmbedding",
     "apply_rope", "apply_rope_", "pyramid_coords", "axial_rope_freqs", "rope_1d_freqs", "mrope_freqs",
-    "rope_mixed_freqs", "infinitystar_rope_freqs", "infinitystar_coords", "hart_rope", "hart_rope_tables",
+    "rope_mixed_freqs", "infinitystar_rope_freqs", "infinitystar_coords", "infinitystar_rope4d_freqs",
+    "infinitystar_coords4d", "infinitystar_text_coords4d", "hart_rope", "hart_rope_tables",
     "PyramidRoPE",
     "pos_embed_add", "pos_embed_table", "FlexVARPosEmbedding", "NaViTPosEmbedding", "Pix2StructPosEmbedding",
     "SinCosPosEmbedding", "DETRPositionEmbeddingSine", "SAMPositionEmbeddingRandom",

@@ -1,5 +1,5 @@
 """VAR-family RoPE conventions beyond Infinity (README "2D rotary position embedding"):
-InfinityStar's 3D (t, h, w) RoPE, HART's per-element 2D embedding and STAR / Switti's
+InfinityStar's 3D (t, h, w) and 4D (scale, t, h, w) RoPE, HART's per-element 2D embedding and STAR / Switti's
 normalised axial positions, each against float64 formulas re-derived from the
 definitions (not from posenc_fast's own builders)."""
 
@@ -127,6 +127,55 @@ def test_infinitystar_rotation_matches_float64(D):
     (lambda: pf.infinitystar_coords(IMAGE, steps_per_frame=0), ValueError, "steps_per_frame"),
 ])
 def test_infinitystar_bad_arguments(call, exc, msg):
+    with pytest.raises(exc, match=msg):
+        call()
+
+
+# InfinityStar's shipped 4D cache (scale, t, h, w): D/8 frequencies per axis.
+
+@pytest.mark.parametrize("D", [64, 128, 8])
+def test_infinitystar_4d_freqs_sections(D):
+    F = D // 8
+    freqs = pf.infinitystar_rope4d_freqs(D)
+    assert freqs.shape == (4, D // 2) and freqs.dtype == torch.float32
+    theta = torch.tensor([10000.0 ** (-i / F) for i in range(F)], dtype=torch.float64)
+    for a in range(4):
+        want = torch.zeros(D // 2, dtype=torch.float64)
+        want[a * F:(a + 1) * F] = theta
+        torch.testing.assert_close(freqs[a].double(), want, rtol=1e-6, atol=0)
+
+
+def test_infinitystar_4d_coords_and_rotation():
+    final, scale = (3, 8, 12), (2, 3, 4)
+    got = pf.infinitystar_coords4d(scale, final, frames=[1, 2], scale_index=5, text_maxlen=32)
+    rr, cc = _infinity_round(3, 8), _infinity_round(4, 12)
+    want = torch.tensor([(37, f, rr[r], cc[c]) for f in (1, 2) for r in range(3) for c in range(4)],
+                        dtype=torch.float64)
+    assert got.dtype == torch.float32 and torch.equal(got.double(), want)
+    text = pf.infinitystar_text_coords4d(5)
+    assert torch.equal(text.double(), torch.tensor([(j, 0, 0, 0) for j in range(5)], dtype=torch.float64))
+    D = 64
+    coords = torch.cat([text, got])
+    q, k = torch.randn(2, 3, coords.shape[0], D), torch.randn(2, 3, coords.shape[0], D)
+    qo, ko = pf.apply_rope(q, k, coords, pf.infinitystar_rope4d_freqs(D), backend="reference")
+    theta = torch.tensor([10000.0 ** (-i / (D // 8)) for i in range(D // 8)], dtype=torch.float64)
+    c = torch.cat([torch.tensor([(j, 0, 0, 0) for j in range(5)], dtype=torch.float64), want])
+    angle = torch.cat([c[:, a:a + 1] * theta for a in range(4)], dim=1)
+    torch.testing.assert_close(qo.double(), _rotate_pairs64(q, angle, "interleaved"), atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(ko.double(), _rotate_pairs64(k, angle, "interleaved"), atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("call,exc,msg", [
+    (lambda: pf.infinitystar_rope4d_freqs(60), ValueError, "multiple of 8"),
+    (lambda: pf.infinitystar_coords4d((1, 2), (1, 2, 2), frames=[0], scale_index=0, text_maxlen=0), ValueError,
+     "scale must be"),
+    (lambda: pf.infinitystar_coords4d((2, 2, 2), (2, 2, 2), frames=[0], scale_index=0, text_maxlen=0), ValueError,
+     "one index per frame"),
+    (lambda: pf.infinitystar_coords4d((1, 2, 2), (1, 2, 2), frames=[0], scale_index=-1, text_maxlen=0), ValueError,
+     "scale_index"),
+    (lambda: pf.infinitystar_text_coords4d(-1), ValueError, "length"),
+])
+def test_infinitystar_4d_bad_arguments(call, exc, msg):
     with pytest.raises(exc, match=msg):
         call()
 

@@ -24,6 +24,7 @@ from .. import _backends, _checks, _fastpath
 from .. import _cuda
 from ..reference import rope as ref
 from ..reference.rope import (PAIRINGS, axial_rope_freqs, hart_rope_tables, infinitystar_coords,  # noqa: F401
+                              infinitystar_coords4d, infinitystar_rope4d_freqs, infinitystar_text_coords4d,
                               infinitystar_rope_freqs, mrope_freqs, pyramid_coords, rope_1d_freqs,
                               rope_mixed_freqs)
 

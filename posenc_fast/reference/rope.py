@@ -279,6 +279,66 @@ def infinitystar_coords(schedule: Sequence[Tuple[int, int, int]], *, time: str =
     return torch.cat(parts, dim=0).contiguous()
 
 
+def infinitystar_rope4d_freqs(head_dim: int, *, base: float = 10000.0) -> torch.Tensor:
+    """(4, D/2) fp32 frequencies of InfinityStar's shipped 4D RoPE
+    (``precompute_rope4d_freqs_grid``), axes (scale, t, h, w); use with
+    ``infinitystar_coords4d`` / ``infinitystar_text_coords4d`` and
+    ``pairing="interleaved"``.
+
+    D/2 must be a multiple of 4 (InfinityStar asserts it): ``F = D/8`` frequencies
+    ``base^(-i/F)`` per axis, the pairs four contiguous sections [scale | t | h | w],
+    each starting at the highest frequency, zeros elsewhere."""
+    _check_head_dim(head_dim, multiple=8)
+    if not (isinstance(base, (int, float)) and base > 0):
+        raise ValueError(f"base must be a positive number, got {base!r}")
+    pairs = head_dim // 2
+    num = pairs // 4
+    inv = 1.0 / (base ** (torch.arange(num, dtype=torch.int64).float() / num))
+    freqs = torch.zeros(4, pairs, dtype=torch.float32)
+    for a in range(4):
+        freqs[a, a * num:(a + 1) * num] = inv
+    return freqs
+
+
+def _check_nonneg_int(name: str, v) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise ValueError(f"{name} must be an int >= 0, got {v!r}")
+    return v
+
+
+def infinitystar_coords4d(scale: Tuple[int, int, int], final: Tuple[int, int, int], *, frames: Sequence[int],
+                          scale_index: int, text_maxlen: int) -> torch.Tensor:
+    """(t*h*w, 4) fp32 (scale, t, h, w) coordinates of the visual tokens of one
+    InfinityStar scale ``(t, h, w)``, as its ``get_visual_rope_embeds`` builds them
+    for the 4D cache: every token of the scale has scale coordinate
+    ``text_maxlen + scale_index`` (its repeated-scale counter ``real_sid``; the
+    scale axis continues after the text positions); frame ``frames[i]`` for the
+    i-th frame of the scale (``range(frame_ss, frame_ee)``, or the interactive
+    schedules' ``t_list``); h and w in Infinity's ``round`` mode onto ``final``'s
+    (h, w). Tokens in (t, h, w) raster order."""
+    for name, v in (("scale", scale), ("final", final)):
+        if (not isinstance(v, (tuple, list)) or len(v) != 3
+                or any(isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in v)):
+            raise ValueError(f"{name} must be a (t, h, w) triple of positive ints, got {v!r}")
+    t, h, w = scale
+    frames = [_check_nonneg_int("frames[i]", f) for f in frames]
+    if len(frames) != t:
+        raise ValueError(f"frames must give one index per frame of the scale (t = {t}), got {len(frames)}")
+    s = float(_check_nonneg_int("text_maxlen", text_maxlen) + _check_nonneg_int("scale_index", scale_index))
+    grid = torch.stack(torch.meshgrid(torch.full((1,), s), torch.tensor(frames, dtype=torch.float32),
+                                      _axis_coords(h, final[1], "round", 0.0),
+                                      _axis_coords(w, final[2], "round", 0.0), indexing="ij"), dim=-1)
+    return grid.reshape(t * h * w, 4).contiguous()
+
+
+def infinitystar_text_coords4d(length: int) -> torch.Tensor:
+    """(length, 4) fp32 coordinates of InfinityStar's text tokens in the 4D cache
+    (``freqs_text``): scale coordinate = the text position 0..length-1, t = h = w = 0."""
+    coords = torch.zeros(_check_nonneg_int("length", length), 4, dtype=torch.float32)
+    coords[:, 0] = torch.arange(length, dtype=torch.float32)
+    return coords
+
+
 def hart_rope_tables(positions: torch.Tensor, head_dim: int, *,
                      base: float = 10000.0) -> Tuple[torch.Tensor, torch.Tensor]:
     """HART's fp32 per-element cos / sin tables, (L, D) or (B, L, D) like ``positions``
