@@ -6,8 +6,9 @@ benchmark measures that cost on any machine:
 
 * ``--mode stub`` (default; any machine, CPU tensors): the device work is removed.
   The workloads are the first scales of a sampling run (1, 4 and 9 tokens per
-  image), where host time matters most and the eager baselines' arithmetic on
-  the CPU is negligible.
+  image), where host time matters most, with channels and heads shrunk (16
+  channels; 2 heads of 16) so that the eager baselines' arithmetic on the CPU is
+  negligible next to their dispatch (on a GPU it is device time, not host time).
   Each fused op runs its real Python path (argument checks, backend choice, autograd
   decision, output allocation, launch-parameter computation) down to the kernel
   launch, which is replaced by a no-op: ``kernel[grid](...)`` for Triton, the
@@ -94,11 +95,15 @@ def _var_attention(C: int, H: int, device, dtype):
     return attn
 
 
-def cases(device: torch.device, quick: bool):
-    """Yields (op, workload, {fused backend: fn}, eager fn, context factory)."""
+def cases(device: torch.device, quick: bool, tiny: bool):
+    """Yields (op, workload, {fused backend: fn}, eager fn, context factory).
+
+    ``tiny`` (stub mode: CPU tensors) shrinks channels and heads so the eager
+    baselines' CPU arithmetic stays negligible next to their dispatch; the fused
+    ops' host path does not depend on these sizes."""
     dt = torch.float32
     B = 2  # batch 1 with classifier-free guidance
-    C_pyr = 1024
+    C_pyr = 16 if tiny else 1024
     scales = (0, 1) if quick else (0, 1, 2)
     pos = torch.randn(1, BEGIN[-1] + PATCH_NUMS[-1] ** 2, C_pyr, device=device, dtype=dt)
     lvl = torch.randn(len(PATCH_NUMS), C_pyr, device=device, dtype=dt)
@@ -112,27 +117,30 @@ def cases(device: torch.device, quick: bool):
         yield "pyramid_pos_level_add", f"VAR sampling scale {si} (B={B}, n={n}, C={C_pyr})", fused, \
             (lambda x=x, a=a, n=n: x + lvl_pos[:, a:a + n]), contextlib.nullcontext
 
-    # pos_embed_add: FlexVAR's learned grid (the eager code re-interpolates it per scale;
-    # the baseline here is the cheaper cached per-scale table, sliced and added) and
-    # MAE's fixed 2D sin-cos (eager: a cached table added).
+    # pos_embed_add against the models' own sampling expressions: FlexVAR interpolates
+    # its learned grid to every scale once per sampling run, then adds a slice per
+    # scale (like VAR); MAE / timm add the fixed table's patch rows.
     grid = torch.randn(1, C_pyr, 32, 32, device=device, dtype=dt)
+    flex_pos = torch.cat([F.interpolate(grid, size=(pn, pn), mode="area").flatten(2).transpose(1, 2)
+                          for pn in PATCH_NUMS], dim=1)
     for si in scales:
-        pn = PATCH_NUMS[si]
+        pn, a = PATCH_NUMS[si], BEGIN[si]
         x = torch.randn(B, pn * pn, C_pyr, device=device, dtype=dt)
-        table = F.interpolate(grid, size=(pn, pn), mode="area").flatten(2).transpose(1, 2)
-        fused = {b: (lambda b=b, x=x, a=BEGIN[si]: pf.pos_embed_add(x, "flexvar", PATCH_NUMS, start=a, tables=(grid,),
-                                                                    backend=b)) for b in ("triton", "cuda")}
+        fused = {b: (lambda b=b, x=x, a=a: pf.pos_embed_add(x, "flexvar", PATCH_NUMS, start=a, tables=(grid,),
+                                                            backend=b)) for b in ("triton", "cuda")}
         yield "pos_embed_add", f"FlexVAR sampling scale {si} (B={B}, n={pn * pn}, C={C_pyr})", fused, \
-            (lambda x=x, t=table: x + t), contextlib.nullcontext
-    mae = pf.pos_embed_table("mae", [16], C_pyr, device=device)
-    x = torch.randn(B, 256, C_pyr, device=device, dtype=dt)
-    yield "pos_embed_add", f"MAE 2D sin-cos, 16x16 grid (B={B}, n=256, C={C_pyr})", \
-        {b: (lambda b=b: pf.pos_embed_add(x, "mae", [16], backend=b)) for b in ("triton", "cuda")}, \
-        (lambda: x + mae), contextlib.nullcontext
+            (lambda x=x, a=a, n=pn * pn: x + flex_pos[:, a:a + n]), contextlib.nullcontext
+    # MAE's fixed table has a class-token row first; the patches get rows 1..256.
+    side = 4 if tiny else 16
+    mae = pf.pos_embed_table("mae", [side], C_pyr, num_prefix_tokens=1, device=device)[None]
+    x = torch.randn(B, side * side, C_pyr, device=device, dtype=dt)
+    yield "pos_embed_add", f"MAE 2D sin-cos, {side}x{side} grid (B={B}, n={side * side}, C={C_pyr})", \
+        {b: (lambda b=b: pf.pos_embed_add(x, "mae", [side], backend=b)) for b in ("triton", "cuda")}, \
+        (lambda: x + mae[:, 1:, :]), contextlib.nullcontext
 
-    # RoPE: Infinity-2B heads (H=16, D=128) on one sampling scale; the eager baseline
+    # RoPE: Infinity-2B heads (H=16, D=128; tiny: 2 x 16) on one sampling scale; the eager baseline
     # is the interleaved rotation with cos/sin tables cached once per run.
-    H, D = 16, 128
+    H, D = (2, 16) if tiny else (16, 128)
     schedule = (1, 2, 4, 6, 8, 12, 16)
     coords_all = pf.pyramid_coords(schedule, mode="round").to(device)
     freqs = pf.axial_rope_freqs(D).to(device)
@@ -239,7 +247,7 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, object]]:
           f"{os.cpu_count()} CPUs)")
     print(f"{'op':24s} {'workload':58s} {'eager':>7s} {'triton':>7s} {'cuda':>7s}")
     with stub, torch.no_grad():
-        for op, workload, fused, eager, ctx in cases(device, args.quick):
+        for op, workload, fused, eager, ctx in cases(device, args.quick, tiny=not real):
             with ctx():
                 us = per_call_us({"eager": eager, **fused}, calls=calls, rounds=rounds, sync=sync)
             rec = {"kind": "host_overhead", "op": op, "workload": workload, "mode": args.mode,
