@@ -6,9 +6,9 @@
 // once, pos/lvl are read once per token instead of once per (batch, token).
 // Backward: per chunk of rows inside one level, sum the gradient over the batch
 // (16-byte loads; shared-memory reduction in a fixed order), write dpos rows, keep
-// the chunk sum;
-// a second tiny kernel adds the chunk sums of each level in chunk order. No
-// atomics, so results are bit-identical from run to run.
+// the chunk sum; a second tiny kernel adds the chunk sums of each level in chunk
+// order (16-byte loads of the fp32 partials). No atomics, so results are
+// bit-identical from run to run.
 #include "device_utils.cuh"
 #include "posenc_fast/pyramid_pos_level_add.h"
 
@@ -201,13 +201,29 @@ __global__ void pyramid_add_bwd_rows_kernel(const PyramidAddBwdArgs a) {
   }
 }
 
+// Each thread owns VEC consecutive channels of one level (VEC = 4: one 16-byte load
+// per chunk partial) and adds the level's partials in chunk order.
+template <int VEC>
 __global__ void pyramid_add_bwd_levels_kernel(const PyramidAddBwdArgs a) {
   const int64_t s = blockIdx.x;
-  const int64_t c = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
-  if (c >= a.C) return;
-  float acc = 0.f;
-  for (int k = a.level_chunk_offsets[s]; k < a.level_chunk_offsets[s + 1]; ++k) acc += a.partial[k * a.C + c];
-  store_any(a.dlvl, s * a.dlvl_row_stride + c, a.dlvl_dtype, acc);
+  const int64_t c0 = (static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x) * VEC;
+  if (c0 >= a.C) return;
+  float acc[VEC];
+#pragma unroll
+  for (int v = 0; v < VEC; ++v) acc[v] = 0.f;
+  for (int64_t k = a.level_chunk_offsets[s]; k < a.level_chunk_offsets[s + 1]; ++k) {
+    const float* row = a.partial + k * a.C + c0;
+    if constexpr (VEC > 1) {
+      // Host guarantees C % VEC == 0 and a 16-byte aligned workspace.
+      const Pack<float, VEC> p = *reinterpret_cast<const Pack<float, VEC>*>(row);
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) acc[v] += p.v[v];
+    } else {
+      acc[0] += row[0];
+    }
+  }
+#pragma unroll
+  for (int v = 0; v < VEC; ++v) store_any(a.dlvl, s * a.dlvl_row_stride + c0 + v, a.dlvl_dtype, acc[v]);
 }
 
 }  // namespace
@@ -253,8 +269,16 @@ void pyramid_pos_level_add_bwd(const PyramidAddBwdArgs& a, int device, cudaStrea
       check_last_launch("pyramid_add_bwd_rows_kernel");
     });
   }
-  const dim3 grid(static_cast<unsigned>(a.S), ceil_div(a.C, 256));
-  pyramid_add_bwd_levels_kernel<<<grid, 256, 0, stream>>>(a);
+  // The partials are the caller's fp32 (num_chunks, C) workspace: 16-byte rows when C % 4 == 0.
+  constexpr int kLevelVec = 4;
+  const bool level_vec = a.C % kLevelVec == 0 && reinterpret_cast<uintptr_t>(a.partial) % 16 == 0;
+  if (level_vec) {
+    const dim3 grid(static_cast<unsigned>(a.S), ceil_div(a.C, 256 * kLevelVec));
+    pyramid_add_bwd_levels_kernel<kLevelVec><<<grid, 256, 0, stream>>>(a);
+  } else {
+    const dim3 grid(static_cast<unsigned>(a.S), ceil_div(a.C, 256));
+    pyramid_add_bwd_levels_kernel<1><<<grid, 256, 0, stream>>>(a);
+  }
   check_last_launch("pyramid_add_bwd_levels_kernel");
 }
 

@@ -310,30 +310,49 @@ def _pyr_x(B, n, C, dtype, layout):
     return torch.randn(B, n, C + 16, dtype=dtype)[..., :C]
 
 
+def _vec16(t):
+    """Elements per 16-byte access the CUDA launchers use for ``t``: 1 where its
+    channel stride, row strides, size or alignment do not allow them."""
+    v = 16 // t.element_size()
+    ok = t.stride(-1) == 1 and t.shape[-1] % v == 0 and all(st % v == 0 for st in t.stride()[:-1])
+    return v if ok and t.data_ptr() % 16 == 0 else 1
+
+
 # id: scales, B, C, (x, pos, lvl dtypes), window, x layout, pos table, (pos_weight, sincos_weight),
-#     SMs, grad transposed, expected forward variant
+#     SMs, gradient layout, expected forward variant
 PYRAMID_CASES = {
-    "fp32-oddC": (SMALL, 3, 37, (f32, f32, f32), "full", "contig", "rows", (1.0, 0.0), 132, False, "VEC = 1"),
-    "fp32-vec-window": (RECT, 2, 40, (f32, f32, f32), "mid", "wide", "cols", (0.7, 0.3), 1, True, "VEC = 4"),
-    "fp16-vec-B5": (SMALL, 5, 64, (f16, f16, f16), "full", "contig", "rows", (1.0, 1.0), 1, False, "VEC = 8"),
-    "fp16-misaligned": (RECT, 2, 64, (f16, f16, f16), "level", "misaligned", "rows", (1.0, 0.0), 132, True,
+    "fp32-oddC": (SMALL, 3, 37, (f32, f32, f32), "full", "contig", "rows", (1.0, 0.0), 132, "contig", "VEC = 1"),
+    "fp32-vec-window": (RECT, 2, 40, (f32, f32, f32), "mid", "wide", "cols", (0.7, 0.3), 1, "transposed",
+                        "VEC = 4"),
+    "fp16-vec-B5": (SMALL, 5, 64, (f16, f16, f16), "full", "contig", "rows", (1.0, 1.0), 1, "contig", "VEC = 8"),
+    "fp16-misaligned": (RECT, 2, 64, (f16, f16, f16), "level", "misaligned", "rows", (1.0, 0.0), 132, "transposed",
                         "VEC = 1"),
-    "bf16-vec-nopos": (RECT, 1, 24, (bf16, bf16, bf16), "level", "contig", None, (1.0, 1.0), 132, False,
+    "bf16-vec-nopos": (RECT, 1, 24, (bf16, bf16, bf16), "level", "contig", None, (1.0, 1.0), 132, "contig",
                        "VEC = 8"),
-    "bf16-chstride": (SMALL, 3, 38, (bf16, bf16, bf16), "mid", "chstride", "cols", (0.7, 0.3), 132, True,
+    "bf16-chstride": (SMALL, 3, 38, (bf16, bf16, bf16), "mid", "chstride", "cols", (0.7, 0.3), 132, "transposed",
                       "VEC = 1"),
     "mixed-bf16x-fp32tables-vec": (RECT, 3, 64, (bf16, f32, f32), "full", "transposed", "rows", (0.7, 0.3), 1,
-                                   False, "VEC = 8"),
-    "mixed-fp16x-bf16pos": (SMALL, 2, 38, (f16, bf16, f32), "full", "contig", "rows", (1.0, 1.0), 132, True,
+                                   "contig", "VEC = 8"),
+    "mixed-fp16x-bf16pos": (SMALL, 2, 38, (f16, bf16, f32), "full", "contig", "rows", (1.0, 1.0), 132, "transposed",
                             "VEC = 1"),
-    "bf16-offset": (SMALL, 2, 64, (bf16, bf16, bf16), "full", "offset", "rows", (1.0, 0.5), 132, False, "VEC = 1"),
-    "sincos-only-C2": (RECT, 3, 2, (f32, f32, f32), "full", "contig", None, (1.0, 1.0), 132, False, "VEC = 1"),
+    "bf16-offset": (SMALL, 2, 64, (bf16, bf16, bf16), "full", "offset", "rows", (1.0, 0.5), 132, "contig",
+                    "VEC = 1"),
+    "sincos-only-C2": (RECT, 3, 2, (f32, f32, f32), "full", "contig", None, (1.0, 1.0), 132, "contig", "VEC = 1"),
+    # C not a multiple of 8: scalar 16-bit rows, 16-byte loads of the fp32 partials (C % 4 == 0)
+    "bf16-C44": (SMALL, 9, 44, (bf16, bf16, bf16), "full", "contig", "rows", (1.0, 0.0), 1, "contig", "VEC = 1"),
+    # the gradient's layout alone forces the scalar row sums: misaligned rows, channel stride 2, an offset pointer
+    "fp16-grad-misaligned": (RECT, 2, 64, (f16, f16, f16), "full", "contig", "rows", (1.0, 0.0), 132, "misaligned",
+                             "VEC = 8"),
+    "bf16-grad-chstride": (SMALL, 3, 32, (bf16, bf16, bf16), "mid", "contig", "cols", (1.0, 0.0), 1, "chstride",
+                           "VEC = 8"),
+    "fp32-grad-offset-oddC": (RECT, 2, 30, (f32, f32, f32), "level", "contig", "rows", (0.5, 0.0), 132, "offset",
+                              "VEC = 1"),
 }
 
 
 @pytest.mark.parametrize("case", list(PYRAMID_CASES))
 def test_pyramid(emu_pyramid, case):
-    scales, B, C, (xdt, pdt, ldt), window, layout, pos_kind, (pw, sw), sms, grad_t, variant = PYRAMID_CASES[case]
+    scales, B, C, (xdt, pdt, ldt), window, layout, pos_kind, (pw, sw), sms, glayout, variant = PYRAMID_CASES[case]
     torch.manual_seed(len(case))
     emu_pyramid.emu_set_num_sms(sms)  # 1 SM: the batch is split over grid.z
     sc = pyr_ref.normalize_scales(scales)
@@ -353,14 +372,15 @@ def test_pyramid(emu_pyramid, case):
     assert out.dtype == exp.dtype
     _close(out, exp, FWD_TOL[out.dtype], "out")
 
-    g = torch.randn(n, B, C, dtype=out.dtype).transpose(0, 1) if grad_t else torch.randn(B, n, C, dtype=out.dtype)
+    g = _pyr_x(B, n, C, out.dtype, glayout)
     leaves = [t for t in (x, pos, lvl) if t is not None]
     got = torch.autograd.grad(out, leaves, g)
     names = emu_pyramid.emu_take_kernels()
-    # 16-byte gradient loads whenever the channels allow (g has unit channel stride)
-    vec = 16 // g.element_size() if C % (16 // g.element_size()) == 0 else 1
-    assert any("pyramid_add_bwd_rows_kernel" in n and f"VEC = {vec}" in n for n in names), names
-    assert any("pyramid_add_bwd_levels_kernel" in n for n in names), names
+    # 16-byte gradient loads whenever its layout allows; 16-byte loads of the fp32
+    # chunk partials whenever C % 4 == 0
+    assert any("pyramid_add_bwd_rows_kernel" in n and f"VEC = {_vec16(g)}" in n for n in names), names
+    level_vec = 4 if C % 4 == 0 else 1
+    assert any("pyramid_add_bwd_levels_kernel" in n and f"VEC = {level_vec}" in n for n in names), names
     ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
     rx, rp, rl = ref_leaves[0], (ref_leaves[1] if pos is not None else None), ref_leaves[-1]
     o = pyr_ref.pyramid_pos_level_add(rx, rp, rl, sc, start=start, pos_weight=pw, sincos_weight=sw)
