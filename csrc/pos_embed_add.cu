@@ -45,8 +45,10 @@ struct alignas(sizeof(T) * N) Pack {
 };
 
 // Each thread owns VEC consecutive channels of one token (VEC > 1: one 16-byte
-// load of x and one store of out per batch row).
-template <typename TX, typename TO, int VEC>
+// load of x and one store of out per batch row). PER_IMAGE (DETR's padding mask)
+// is a template argument: its per-row sinusoid would otherwise cost every variant
+// registers (40 instead of 32), and so resident blocks.
+template <typename TX, typename TO, int VEC, bool PER_IMAGE>
 __global__ void pos_embed_fwd_kernel(const PosEmbedFwdArgs a, int64_t batch_per_block) {
   const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
   const int64_t c0 = (static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x) * VEC;
@@ -63,8 +65,7 @@ __global__ void pos_embed_fwd_kernel(const PosEmbedFwdArgs a, int64_t batch_per_
         emb[v] += a.w[j] * load_any(a.table, row + (c0 + v) * a.table_stride[1], a.table_dtype);
     }
   }
-  const bool per_image = a.coords && a.coords_image_stride != 0;
-  if (a.coords && !per_image) {
+  if (a.coords && !PER_IMAGE) {
 #pragma unroll
     for (int v = 0; v < VEC; ++v) emb[v] += fixed_value(a.coords, a.desc, g, c0 + v, a.angle_scale);
   }
@@ -76,10 +77,11 @@ __global__ void pos_embed_fwd_kernel(const PosEmbedFwdArgs a, int64_t batch_per_
   for (int64_t b = b_begin; b < b_end; ++b) {
     float e[VEC];
 #pragma unroll
-    for (int v = 0; v < VEC; ++v)
-      e[v] = emb[v] + (per_image ? fixed_value(a.coords + b * a.coords_image_stride, a.desc, g, c0 + v,
-                                               a.angle_scale)
-                                 : 0.f);
+    for (int v = 0; v < VEC; ++v) {
+      e[v] = emb[v];
+      if constexpr (PER_IMAGE)
+        e[v] += fixed_value(a.coords + b * a.coords_image_stride, a.desc, g, c0 + v, a.angle_scale);
+    }
     const int64_t xo = b * a.x_stride[0] + t * a.x_stride[1];
     const int64_t oo = (b * a.n + t) * a.C + c0;
     if constexpr (VEC > 1) {
@@ -93,14 +95,6 @@ __global__ void pos_embed_fwd_kernel(const PosEmbedFwdArgs a, int64_t batch_per_
       out[oo] = from_float<TO>(to_float<TX>(x[xo + c0 * a.x_stride[2]]) + e[0]);
     }
   }
-}
-
-int num_sms(int device) {
-  static int cached[64] = {0};
-  if (device < 0 || device >= 64) return 108;
-  if (cached[device] == 0)
-    POSENC_CUDA_CHECK(cudaDeviceGetAttribute(&cached[device], cudaDevAttrMultiProcessorCount, device));
-  return cached[device];
 }
 
 template <typename TX, typename TO>
@@ -117,18 +111,23 @@ void launch_fwd(const PosEmbedFwdArgs& a, int device, cudaStream_t stream) {
   const int bx = static_cast<int>(std::min<int64_t>(128, ((lanes + 31) / 32) * 32));
   const int by = std::max(1, 256 / bx);
   const unsigned gx = ceil_div(a.n, by), gy = ceil_div(lanes, bx);
-  // Split the batch over grid.z until there are enough blocks to fill the GPU; each
-  // block reuses its embedding for all of its batch rows.
-  const int64_t want_blocks = 8LL * num_sms(device);
-  int64_t chunks = std::min<int64_t>(a.B, std::max<int64_t>(1, want_blocks / (int64_t(gx) * gy)));
-  chunks = std::min<int64_t>(chunks, 65535);
-  const int64_t per_block = (a.B + chunks - 1) / chunks;
+  // Each block reuses its embedding for its slice of the batch (grid.z), sliced for
+  // whole waves as in the pyramid forward; <= 32 registers leave the thread limit
+  // binding (the per-image variants take up to 44: DETR's masked case gets estimated waves).
+  const int64_t per_block = batch_per_block(int64_t(gx) * gy, a.B, thread_bound_slots(bx * by, device));
   const dim3 grid(gx, gy, static_cast<unsigned>((a.B + per_block - 1) / per_block));
   const dim3 block(bx, by);
-  if (vec)
-    pos_embed_fwd_kernel<TX, TO, kVec><<<grid, block, 0, stream>>>(a, per_block);
-  else
-    pos_embed_fwd_kernel<TX, TO, 1><<<grid, block, 0, stream>>>(a, per_block);
+  if (a.coords && a.coords_image_stride != 0) {
+    if (vec)
+      pos_embed_fwd_kernel<TX, TO, kVec, true><<<grid, block, 0, stream>>>(a, per_block);
+    else
+      pos_embed_fwd_kernel<TX, TO, 1, true><<<grid, block, 0, stream>>>(a, per_block);
+  } else {
+    if (vec)
+      pos_embed_fwd_kernel<TX, TO, kVec, false><<<grid, block, 0, stream>>>(a, per_block);
+    else
+      pos_embed_fwd_kernel<TX, TO, 1, false><<<grid, block, 0, stream>>>(a, per_block);
+  }
   check_last_launch("pos_embed_fwd_kernel");
 }
 

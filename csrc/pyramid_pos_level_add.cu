@@ -94,14 +94,6 @@ __global__ void pyramid_add_fwd_kernel(const PyramidAddFwdArgs a, int64_t batch_
   }
 }
 
-int num_sms(int device) {
-  static int cached[64] = {0};
-  if (device < 0 || device >= 64) return 108;
-  if (cached[device] == 0)
-    POSENC_CUDA_CHECK(cudaDeviceGetAttribute(&cached[device], cudaDevAttrMultiProcessorCount, device));
-  return cached[device];
-}
-
 template <typename TX, typename TO>
 void launch_fwd(const PyramidAddFwdArgs& a, int device, cudaStream_t stream) {
   constexpr int kVec = 16 / sizeof(TX);
@@ -116,25 +108,9 @@ void launch_fwd(const PyramidAddFwdArgs& a, int device, cudaStream_t stream) {
   const int bx = static_cast<int>(std::min<int64_t>(128, ((lanes + 31) / 32) * 32));
   const int by = std::max(1, 256 / bx);
   const unsigned gx = ceil_div(a.n, by), gy = ceil_div(lanes, bx);
-  // Each block reuses its embedding for its slice of the batch (grid.z). Slices are
-  // sized for whole waves of the blocks an SM holds (2048 threads; 32 registers
-  // leave the thread limit binding, tools/kernel_report.py checks the waves): one
-  // row per block when even that cannot fill a wave (sampling); else the slice count
-  // that ends closest to whole waves among those re-reading the tables at most ~5%
-  // of x's bytes (slices <= 1 + B / 10), fewest first.
-  const int64_t tiles = int64_t(gx) * gy;
-  const int64_t slots = std::min<int64_t>(32, 2048 / (bx * by)) * num_sms(device);
-  int64_t per_block = 1;
-  if (tiles * a.B > slots) {
-    double best = -1.0;
-    for (int64_t s = 1; s <= std::min<int64_t>(a.B, 1 + a.B / 10); ++s) {
-      const int64_t per = (a.B + s - 1) / s;
-      const int64_t grid = tiles * ((a.B + per - 1) / per);
-      const double eff = double(grid) / double((grid + slots - 1) / slots * slots);
-      if (eff > best + 1e-9) best = eff, per_block = per;
-    }
-  }
-  per_block = std::max<int64_t>(per_block, (a.B + 65534) / 65535);  // grid.z <= 65535
+  // Each block reuses its embedding for its slice of the batch (grid.z), sliced for
+  // whole waves; 32 registers leave the thread limit binding.
+  const int64_t per_block = batch_per_block(int64_t(gx) * gy, a.B, thread_bound_slots(bx * by, device));
   const dim3 grid(gx, gy, static_cast<unsigned>((a.B + per_block - 1) / per_block));
   const dim3 block(bx, by);
   if (vec)
