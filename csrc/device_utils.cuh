@@ -68,4 +68,16 @@ inline int64_t batch_per_block(int64_t tiles, int64_t B, int64_t slots) {
   return std::max<int64_t>(per_block, (B + 65534) / 65535);  // grid.z <= 65535
 }
 
+// Rows per block, 1 to max_rows, of a kernel whose grid is tiles x ceil(rows / per):
+// the count whose grid ends closest to whole waves of `slots`, fewest rows first.
+inline int64_t rows_per_block(int64_t tiles, int64_t rows, int64_t slots, int64_t max_rows) {
+  int64_t best_rows = 1;
+  double best = -1.0;
+  for (int64_t r = 1; r <= max_rows; ++r) {
+    const double eff = wave_efficiency(tiles * ((rows + r - 1) / r), slots);
+    if (eff > best + 1e-9) best = eff, best_rows = r;
+  }
+  return best_rows;
+}
+
 }  // namespace posenc

@@ -657,37 +657,48 @@ def test_qkv_proj_kv_cache_append(emu_qkv, case):
 # -------------------------------------------------------------- pos_embed
 
 # id: kind, options, x dtype, learned table shapes (dtype), C, scales, prefix, start, x layout, SMs,
-#     expected forward variant
+#     expected forward variant, gradient layout (learned kinds)
 POS_EMBED_CASES = {
-    "mae-fp32-prefix-vec": ("mae", {}, f32, None, 12, [1, 2, (2, 3)], 1, 2, "contig", 132, "VEC = 4"),
+    "mae-fp32-prefix-vec": ("mae", {}, f32, None, 12, [1, 2, (2, 3)], 1, 2, "contig", 132, "VEC = 4", None),
     "timm-bf16-interleave-reverse": ("timm", {"interleave": True, "reverse_coord": True}, bf16, None, 20,
-                                     [(3, 5)], 0, 1, "transposed", 1, "VEC = 1"),
+                                     [(3, 5)], 0, 1, "transposed", 1, "VEC = 1", None),
     "sincos_pyramid-fp16-oddhalf": ("sincos_pyramid", {}, f16, None, 10, [1, 2, 3], 0, 0, "chstride", 132,
-                                    "VEC = 1"),
-    "sincos_1d-fp32": ("sincos_1d", {"interleave": True}, f32, None, 6, [2, 3], 2, 3, "contig", 1, "VEC = 1"),
+                                    "VEC = 1", None),
+    "sincos_1d-fp32": ("sincos_1d", {"interleave": True}, f32, None, 6, [2, 3], 2, 3, "contig", 1, "VEC = 1", None),
     "detr-normalize-mask-vec": ("detr", {"normalize": True, "mask": True}, f32, None, 8, [(3, 4)], 1, 0, "wide", 1,
-                                "VEC = 4"),
-    "sam-bf16-vec": ("sam", {"gaussian": True}, bf16, None, 16, [1, (2, 3)], 0, 1, "contig", 132, "VEC = 8"),
+                                "VEC = 4", None),
+    "sam-bf16-vec": ("sam", {"gaussian": True}, bf16, None, 16, [1, (2, 3)], 0, 1, "contig", 132, "VEC = 8", None),
     "flexvar-fp32-C150": ("flexvar", {}, f32, [((1, 150, 5, 6), f32)], 150, [1, 2, (3, 7)], 0, 2, "contig", 132,
-                          "VEC = 1"),
+                          "VEC = 1", "contig"),
     "flexvar-bf16-vec-fp32grid": ("flexvar", {}, bf16, [((1, 24, 4, 4), f32)], 24, [1, 2, 5], 0, 1, "contig", 1,
-                                  "VEC = 8"),
+                                  "VEC = 8", "transposed"),
     "navit-bf16-fractional": ("navit", {"fractional": True}, bf16, [((5, 12), bf16), ((3, 12), bf16)], 12,
-                              [1, 2, (2, 3)], 0, 1, "transposed", 1, "VEC = 1"),
+                              [1, 2, (2, 3)], 0, 1, "transposed", 1, "VEC = 1", "contig"),
     "navit-fp16-offset": ("navit", {}, f16, [((3, 16), f16), ((3, 16), f16)], 16, [1, (3, 3)], 0, 0, "offset", 132,
-                          "VEC = 1"),
+                          "VEC = 1", "offset"),
     "pix2struct-fp16x-fp32tables": ("pix2struct", {}, f16, [((4, 33), f32), ((5, 33), f32)], 33,
-                                    [(3, 4)], 0, 0, "contig", 132, "VEC = 1"),
+                                    [(3, 4)], 0, 0, "contig", 132, "VEC = 1", "contig"),
+    # 16-bit, C a multiple of 8: 16-byte gradient loads, several tokens per block on 1 SM
+    "flexvar-bf16-C64-B9": ("flexvar", {}, bf16, [((1, 64, 4, 4), bf16)], 64, [1, 2, 3, 4], 0, 0, "contig", 1,
+                            "VEC = 8", "contig"),
+    # C not a multiple of 8 (but of 4): scalar 16-bit gradient, 16-byte loads of the fp32 token sums
+    "navit-fp16-C36": ("navit", {}, f16, [((3, 36), f16), ((3, 36), f16)], 36, [1, (3, 3)], 0, 0, "contig", 1,
+                       "VEC = 1", "contig"),
+    # the gradient's layout alone forces the scalar batch sums
+    "flexvar-bf16-grad-misaligned": ("flexvar", {}, bf16, [((1, 32, 4, 4), bf16)], 32, [1, 2, 4], 0, 1, "contig",
+                                     132, "VEC = 8", "misaligned"),
+    "navit-fp32-grad-chstride": ("navit", {}, f32, [((4, 16), f32), ((4, 16), f32)], 16, [2, (3, 4)], 0, 2,
+                                 "contig", 1, "VEC = 4", "chstride"),
 }
 
 
 @pytest.mark.parametrize("case", list(POS_EMBED_CASES))
 def test_pos_embed(emu_pos_embed, case):
-    kind, opts, xdt, shapes, C, scales, prefix, start, layout, sms, variant = POS_EMBED_CASES[case]
+    kind, opts, xdt, shapes, C, scales, prefix, start, layout, sms, variant, glayout = POS_EMBED_CASES[case]
     torch.manual_seed(len(case))
     emu_pos_embed.emu_set_num_sms(sms)  # 1 SM: the batch is split over grid.z
     sc = pyr_ref.normalize_scales(scales)
-    B = 3
+    B = 9 if case.endswith("B9") else 3
     n = prefix + pyr_ref.pyramid_length(sc) - start
     opts = dict(opts)
     if opts.pop("mask", False):
@@ -717,10 +728,14 @@ def test_pos_embed(emu_pos_embed, case):
     _close(out, exp, FWD_TOL[out.dtype], "out")
     if not tables:
         return
-    g = torch.randn(B, n, C, dtype=out.dtype)
+    g = _pyr_x(B, n, C, out.dtype, glayout)
     leaves = [x, *tables]
     got = torch.autograd.grad(out, leaves, g)
-    _ran(emu_pos_embed, "pos_embed_bwd_tokens_kernel", "pos_embed_bwd_table_kernel")
+    # 16-byte gradient loads whenever its layout allows; 16-byte loads of the fp32
+    # token sums whenever C % 4 == 0
+    names = emu_pos_embed.emu_take_kernels()
+    assert any("pos_embed_bwd_tokens_kernel" in k and f"VEC = {_vec16(g)}" in k for k in names), names
+    assert any("pos_embed_bwd_table_kernel" in k and f"VEC = {4 if C % 4 == 0 else 1}" in k for k in names), names
     ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
     o = pe_ref.pos_embed_add(ref_leaves[0], kind, sc, start=start, tables=tuple(ref_leaves[1:]),
                              num_prefix_tokens=prefix, **opts)
@@ -732,3 +747,44 @@ def test_pos_embed(emu_pos_embed, case):
     again = torch.autograd.grad(run(), leaves, g)
     for a, b in zip(got, again):
         assert torch.equal(a, b)
+
+
+# ------------------------------------------- launch shapes at the SPEC workloads
+
+def _dry_grids(module, fn):
+    """(grid size, threads per block) of every launch ``fn`` makes, from the real host
+    code in dry mode (no kernel runs)."""
+    module.emu_set_dry(True)
+    try:
+        fn()
+    finally:
+        module.emu_set_dry(False)
+    grids = []
+    for entry in module.emu_take_launches():
+        _, grid, block, _ = entry.split("|")
+        grids.append((math.prod(map(int, grid.split(","))), math.prod(map(int, block.split(",")))))
+    return grids
+
+
+@pytest.mark.parametrize("B,C", [(64, 1024), (32, 1920)])
+def test_pos_embed_launches_fill_whole_waves_at_spec_shapes(emu_pos_embed, monkeypatch, B, C):
+    """FlexVAR at the VAR-d16 / d30 sizes (bf16, 132 SMs): the forward slices the batch
+    by the pyramid forward's rule and the backward's batch sums take tokens per block
+    for whole waves of the blocks an SM holds (2048 threads: the kernels keep to 32
+    registers, which tools/kernel_report.py checks against the compiled kernels)."""
+    from posenc_fast.triton_kernels._launch import wave_efficiency
+
+    monkeypatch.setattr(PE._checks, "_POISON", False)
+    pn = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
+    scales = tuple((s, s) for s in pn)
+    x = torch.empty(B, sum(s * s for s in pn), C, dtype=bf16)
+    tables = (torch.empty(1, C, 32, 32, dtype=bf16),)
+    opts = dict(temperature=10000.0, interleave=False, reverse_coord=False, normalize=False, scale=2 * math.pi,
+                fractional=False)
+    rows = PE._validate(x, "flexvar", scales, 0, tables, None, None, 0, opts)[2]
+    static = PE._static_inputs("flexvar", scales, rows, 0, opts, False, C, x.device)
+    args = PE._op_args("flexvar", x, tables, None, None, 0, 0, opts, static, "cuda")
+    (fwd,) = _dry_grids(emu_pos_embed, lambda: PE._forward(*args))
+    tokens, _ = _dry_grids(emu_pos_embed, lambda: PE._backward_impl(x, *args[5:8], 0, bf16, "cuda"))
+    for grid, threads in (fwd, tokens):
+        assert wave_efficiency(grid, 2048 // threads * 132) >= 0.85, (grid, threads)
