@@ -15,4 +15,12 @@ void check_last_launch(const char* kernel_name) {
                              cudaGetErrorString(err));
 }
 
+int num_sms(int device) {
+  static int cached[64] = {0};
+  if (device < 0 || device >= 64) return 108;
+  if (cached[device] == 0)
+    POSENC_CUDA_CHECK(cudaDeviceGetAttribute(&cached[device], cudaDevAttrMultiProcessorCount, device));
+  return cached[device];
+}
+
 }  // namespace posenc

@@ -5,9 +5,10 @@
 // the token's coordinates and the channel's descriptor: no (L, C) table is read),
 // then streams it onto its share of the batch. With per-image coordinates (DETR's
 // padding mask) the fixed part is computed per image.
-// Backward: per (token, channel) the batch sum of the gradient in a fixed order;
-// then per (table row, channel) the weighted sum over the tokens that read the row,
-// in token order. No atomics: results are bit-identical from run to run.
+// Backward: per (token, channel vector) the batch sum of the gradient (16-byte loads,
+// lanes along the batch meeting in shared memory in a fixed order); then per (table
+// row, channel vector) the weighted sum over the tokens that read the row, in token
+// order. No atomics: results are bit-identical from run to run.
 #include "device_utils.cuh"
 #include "posenc_fast/pos_embed_add.h"
 
@@ -45,8 +46,10 @@ struct alignas(sizeof(T) * N) Pack {
 };
 
 // Each thread owns VEC consecutive channels of one token (VEC > 1: one 16-byte
-// load of x and one store of out per batch row).
-template <typename TX, typename TO, int VEC>
+// load of x and one store of out per batch row). PER_IMAGE (DETR's padding mask)
+// is a template argument: its per-row sinusoid would otherwise cost every variant
+// registers (40 instead of 32), and so resident blocks.
+template <typename TX, typename TO, int VEC, bool PER_IMAGE>
 __global__ void pos_embed_fwd_kernel(const PosEmbedFwdArgs a, int64_t batch_per_block) {
   const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
   const int64_t c0 = (static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x) * VEC;
@@ -63,8 +66,7 @@ __global__ void pos_embed_fwd_kernel(const PosEmbedFwdArgs a, int64_t batch_per_
         emb[v] += a.w[j] * load_any(a.table, row + (c0 + v) * a.table_stride[1], a.table_dtype);
     }
   }
-  const bool per_image = a.coords && a.coords_image_stride != 0;
-  if (a.coords && !per_image) {
+  if (a.coords && !PER_IMAGE) {
 #pragma unroll
     for (int v = 0; v < VEC; ++v) emb[v] += fixed_value(a.coords, a.desc, g, c0 + v, a.angle_scale);
   }
@@ -76,10 +78,11 @@ __global__ void pos_embed_fwd_kernel(const PosEmbedFwdArgs a, int64_t batch_per_
   for (int64_t b = b_begin; b < b_end; ++b) {
     float e[VEC];
 #pragma unroll
-    for (int v = 0; v < VEC; ++v)
-      e[v] = emb[v] + (per_image ? fixed_value(a.coords + b * a.coords_image_stride, a.desc, g, c0 + v,
-                                               a.angle_scale)
-                                 : 0.f);
+    for (int v = 0; v < VEC; ++v) {
+      e[v] = emb[v];
+      if constexpr (PER_IMAGE)
+        e[v] += fixed_value(a.coords + b * a.coords_image_stride, a.desc, g, c0 + v, a.angle_scale);
+    }
     const int64_t xo = b * a.x_stride[0] + t * a.x_stride[1];
     const int64_t oo = (b * a.n + t) * a.C + c0;
     if constexpr (VEC > 1) {
@@ -93,14 +96,6 @@ __global__ void pos_embed_fwd_kernel(const PosEmbedFwdArgs a, int64_t batch_per_
       out[oo] = from_float<TO>(to_float<TX>(x[xo + c0 * a.x_stride[2]]) + e[0]);
     }
   }
-}
-
-int num_sms(int device) {
-  static int cached[64] = {0};
-  if (device < 0 || device >= 64) return 108;
-  if (cached[device] == 0)
-    POSENC_CUDA_CHECK(cudaDeviceGetAttribute(&cached[device], cudaDevAttrMultiProcessorCount, device));
-  return cached[device];
 }
 
 template <typename TX, typename TO>
@@ -117,43 +112,114 @@ void launch_fwd(const PosEmbedFwdArgs& a, int device, cudaStream_t stream) {
   const int bx = static_cast<int>(std::min<int64_t>(128, ((lanes + 31) / 32) * 32));
   const int by = std::max(1, 256 / bx);
   const unsigned gx = ceil_div(a.n, by), gy = ceil_div(lanes, bx);
-  // Split the batch over grid.z until there are enough blocks to fill the GPU; each
-  // block reuses its embedding for all of its batch rows.
-  const int64_t want_blocks = 8LL * num_sms(device);
-  int64_t chunks = std::min<int64_t>(a.B, std::max<int64_t>(1, want_blocks / (int64_t(gx) * gy)));
-  chunks = std::min<int64_t>(chunks, 65535);
-  const int64_t per_block = (a.B + chunks - 1) / chunks;
+  // Each block reuses its embedding for its slice of the batch (grid.z), sliced for
+  // whole waves as in the pyramid forward; <= 32 registers leave the thread limit
+  // binding (the per-image variants take up to 44: DETR's masked case gets estimated waves).
+  const int64_t per_block = batch_per_block(int64_t(gx) * gy, a.B, thread_bound_slots(bx * by, device));
   const dim3 grid(gx, gy, static_cast<unsigned>((a.B + per_block - 1) / per_block));
   const dim3 block(bx, by);
-  if (vec)
-    pos_embed_fwd_kernel<TX, TO, kVec><<<grid, block, 0, stream>>>(a, per_block);
-  else
-    pos_embed_fwd_kernel<TX, TO, 1><<<grid, block, 0, stream>>>(a, per_block);
+  if (a.coords && a.coords_image_stride != 0) {
+    if (vec)
+      pos_embed_fwd_kernel<TX, TO, kVec, true><<<grid, block, 0, stream>>>(a, per_block);
+    else
+      pos_embed_fwd_kernel<TX, TO, 1, true><<<grid, block, 0, stream>>>(a, per_block);
+  } else {
+    if (vec)
+      pos_embed_fwd_kernel<TX, TO, kVec, false><<<grid, block, 0, stream>>>(a, per_block);
+    else
+      pos_embed_fwd_kernel<TX, TO, 1, false><<<grid, block, 0, stream>>>(a, per_block);
+  }
   check_last_launch("pos_embed_fwd_kernel");
 }
 
-template <typename TG>
-__global__ void pos_embed_bwd_tokens_kernel(const PosEmbedBwdArgs a) {
-  const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
-  const int64_t c = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
-  if (t >= a.n || c >= a.C) return;
+constexpr int kBwdThreadsX = 32;  // channel vectors per block (a warp: coalesced)
+constexpr int kBwdLanes = 8;       // threads along the batch
+constexpr int kBwdMaxRows = 4;     // tokens per block, chosen for whole waves
+
+// Each thread owns VEC consecutive channels (one 16-byte load per batch row when the
+// host allows it) and a stride of the batch; the lanes' sums meet in shared memory,
+// double-buffered by token so that one barrier per token separates writes and reads.
+// 32 registers (8 blocks per SM: the thread limit binds) spill nothing and let the
+// host size the grid for whole waves.
+template <typename TG, int VEC>
+__global__ void __launch_bounds__(kBwdThreadsX * kBwdLanes, 8)
+    pos_embed_bwd_tokens_kernel(const PosEmbedBwdArgs a, int64_t rows_per_block) {
+  __shared__ float red[2][kBwdLanes][kBwdThreadsX * VEC];
+  const int64_t t0 = static_cast<int64_t>(blockIdx.x) * rows_per_block;
+  const int64_t t1 = t0 + rows_per_block < a.n ? t0 + rows_per_block : a.n;
+  const int64_t c0 = (static_cast<int64_t>(blockIdx.y) * kBwdThreadsX + threadIdx.x) * VEC;
   const TG* __restrict__ grad = static_cast<const TG*>(a.grad);
-  const int64_t base = t * a.grad_stride[1] + c * a.grad_stride[2];
-  float s = 0.f;
-  for (int64_t b = 0; b < a.B; ++b) s += to_float<TG>(grad[base + b * a.grad_stride[0]]);
-  a.gtok[t * a.C + c] = s;
+  const bool active = c0 < a.C;
+  for (int64_t t = t0; t < t1; ++t) {
+    float s[VEC];
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) s[v] = 0.f;
+    if (active) {
+      const int64_t base = t * a.grad_stride[1] + c0 * a.grad_stride[2];
+#pragma unroll 4
+      for (int64_t b = threadIdx.y; b < a.B; b += kBwdLanes) {
+        if constexpr (VEC > 1) {
+          // Host guarantees unit channel stride, C % VEC == 0 and 16-byte aligned rows.
+          const Pack<TG, VEC> g = *reinterpret_cast<const Pack<TG, VEC>*>(grad + base + b * a.grad_stride[0]);
+#pragma unroll
+          for (int v = 0; v < VEC; ++v) s[v] += to_float<TG>(g.v[v]);
+        } else {
+          s[0] += to_float<TG>(grad[base + b * a.grad_stride[0]]);
+        }
+      }
+    }
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) red[t & 1][threadIdx.y][threadIdx.x * VEC + v] = s[v];
+    __syncthreads();
+    if (threadIdx.y == 0 && active) {
+      float row[VEC];
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) {
+        row[v] = red[t & 1][0][threadIdx.x * VEC + v];
+#pragma unroll
+        for (int l = 1; l < kBwdLanes; ++l) row[v] += red[t & 1][l][threadIdx.x * VEC + v];
+      }
+      float* out = a.gtok + t * a.C + c0;
+      if constexpr (VEC > 1) {
+        // VEC is 4 or 8 here; the host guarantees a 16-byte aligned workspace.
+#pragma unroll
+        for (int v = 0; v < VEC; v += 4)
+          *reinterpret_cast<Pack<float, 4>*>(out + v) = Pack<float, 4>{{row[v], row[v + 1], row[v + 2], row[v + 3]}};
+      } else {
+        out[0] = row[0];
+      }
+    }
+    // No second barrier: the next token writes the other buffer, and the one after
+    // this buffer again only past the next token's barrier, which lane 0 also reaches.
+  }
 }
 
+// Each thread owns VEC consecutive channels of one table row (VEC = 4: one 16-byte
+// load per token that reads the row).
+template <int VEC>
 __global__ void pos_embed_bwd_table_kernel(const PosEmbedBwdArgs a) {
   const int64_t k = blockIdx.x;
-  const int64_t c = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
-  if (c >= a.C) return;
-  float acc = 0.f;
+  const int64_t c0 = (static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x) * VEC;
+  if (c0 >= a.C) return;
+  float acc[VEC];
+#pragma unroll
+  for (int v = 0; v < VEC; ++v) acc[v] = 0.f;
   for (int j = a.tptr[k]; j < a.tptr[k + 1]; ++j) {
     const int64_t t = static_cast<int64_t>(a.ttok[j]) - a.start;
-    if (t >= 0 && t < a.n) acc += a.tw[j] * a.gtok[t * a.C + c];  // tokens outside the window: no gradient
+    if (t < 0 || t >= a.n) continue;  // tokens outside the window: no gradient
+    const float w = a.tw[j];
+    const float* row = a.gtok + t * a.C + c0;
+    if constexpr (VEC > 1) {
+      // Host guarantees C % VEC == 0 and a 16-byte aligned workspace.
+      const Pack<float, VEC> p = *reinterpret_cast<const Pack<float, VEC>*>(row);
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) acc[v] += w * p.v[v];
+    } else {
+      acc[0] += w * row[0];
+    }
   }
-  store_any(a.dtable, k * a.C + c, a.dtable_dtype, acc);
+#pragma unroll
+  for (int v = 0; v < VEC; ++v) store_any(a.dtable, k * a.C + c0 + v, a.dtable_dtype, acc[v]);
 }
 
 }  // namespace
@@ -180,19 +246,35 @@ void pos_embed_add_bwd(const PosEmbedBwdArgs& a, int device, cudaStream_t stream
   POSENC_CHECK_ARG((a.K == 0 || (a.dtable && a.tptr)) && (a.n == 0 || a.gtok) && (a.B * a.n == 0 || a.grad),
                    "pos_embed_add_bwd: null pointer");
   set_device(device);
-  const int bx = static_cast<int>(std::min<int64_t>(128, ((a.C + 31) / 32) * 32));
+  const bool ws_aligned = reinterpret_cast<uintptr_t>(a.gtok) % 16 == 0;
   if (a.n > 0) {
     dispatch_dtype(a.grad_dtype, "grad", [&](auto tg) {
       using TG = decltype(tg);
-      const int by = std::max(1, 256 / bx);
-      const dim3 grid(ceil_div(a.n, by), ceil_div(a.C, bx));
-      pos_embed_bwd_tokens_kernel<TG><<<grid, dim3(bx, by), 0, stream>>>(a);
+      constexpr int kVec = 16 / sizeof(TG);
+      const bool vec = a.grad_stride[2] == 1 && a.C % kVec == 0 && a.grad_stride[0] % kVec == 0 &&
+                       a.grad_stride[1] % kVec == 0 && reinterpret_cast<uintptr_t>(a.grad) % 16 == 0 && ws_aligned;
+      const dim3 block(kBwdThreadsX, kBwdLanes);
+      const unsigned gy = ceil_div(a.C, kBwdThreadsX * (vec ? kVec : 1));
+      const int64_t rows = rows_per_block(gy, a.n, thread_bound_slots(kBwdThreadsX * kBwdLanes, device), kBwdMaxRows);
+      const dim3 grid(ceil_div(a.n, rows), gy);
+      if (vec)
+        pos_embed_bwd_tokens_kernel<TG, kVec><<<grid, block, 0, stream>>>(a, rows);
+      else
+        pos_embed_bwd_tokens_kernel<TG, 1><<<grid, block, 0, stream>>>(a, rows);
       check_last_launch("pos_embed_bwd_tokens_kernel");
     });
   }
   if (a.K > 0) {
-    const dim3 grid(static_cast<unsigned>(a.K), ceil_div(a.C, bx));
-    pos_embed_bwd_table_kernel<<<grid, bx, 0, stream>>>(a);
+    // gtok is the caller's fp32 (n, C) workspace: 16-byte rows when C % 4 == 0.
+    constexpr int kTableVec = 4;
+    const int vec_width = a.C % kTableVec == 0 && ws_aligned ? kTableVec : 1;
+    const int64_t lanes = (a.C + vec_width - 1) / vec_width;
+    const int bx = static_cast<int>(std::min<int64_t>(128, ((lanes + 31) / 32) * 32));
+    const dim3 grid(static_cast<unsigned>(a.K), ceil_div(lanes, bx));
+    if (vec_width > 1)
+      pos_embed_bwd_table_kernel<kTableVec><<<grid, bx, 0, stream>>>(a);
+    else
+      pos_embed_bwd_table_kernel<1><<<grid, bx, 0, stream>>>(a);
     check_last_launch("pos_embed_bwd_table_kernel");
   }
 }

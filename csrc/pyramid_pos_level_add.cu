@@ -6,9 +6,9 @@
 // once, pos/lvl are read once per token instead of once per (batch, token).
 // Backward: per chunk of rows inside one level, sum the gradient over the batch
 // (16-byte loads; shared-memory reduction in a fixed order), write dpos rows, keep
-// the chunk sum;
-// a second tiny kernel adds the chunk sums of each level in chunk order. No
-// atomics, so results are bit-identical from run to run.
+// the chunk sum; a second tiny kernel adds the chunk sums of each level in chunk
+// order (16-byte loads of the fp32 partials). No atomics, so results are
+// bit-identical from run to run.
 #include "device_utils.cuh"
 #include "posenc_fast/pyramid_pos_level_add.h"
 
@@ -94,14 +94,6 @@ __global__ void pyramid_add_fwd_kernel(const PyramidAddFwdArgs a, int64_t batch_
   }
 }
 
-int num_sms(int device) {
-  static int cached[64] = {0};
-  if (device < 0 || device >= 64) return 108;
-  if (cached[device] == 0)
-    POSENC_CUDA_CHECK(cudaDeviceGetAttribute(&cached[device], cudaDevAttrMultiProcessorCount, device));
-  return cached[device];
-}
-
 template <typename TX, typename TO>
 void launch_fwd(const PyramidAddFwdArgs& a, int device, cudaStream_t stream) {
   constexpr int kVec = 16 / sizeof(TX);
@@ -116,25 +108,9 @@ void launch_fwd(const PyramidAddFwdArgs& a, int device, cudaStream_t stream) {
   const int bx = static_cast<int>(std::min<int64_t>(128, ((lanes + 31) / 32) * 32));
   const int by = std::max(1, 256 / bx);
   const unsigned gx = ceil_div(a.n, by), gy = ceil_div(lanes, bx);
-  // Each block reuses its embedding for its slice of the batch (grid.z). Slices are
-  // sized for whole waves of the blocks an SM holds (2048 threads; 32 registers
-  // leave the thread limit binding, tools/kernel_report.py checks the waves): one
-  // row per block when even that cannot fill a wave (sampling); else the slice count
-  // that ends closest to whole waves among those re-reading the tables at most ~5%
-  // of x's bytes (slices <= 1 + B / 10), fewest first.
-  const int64_t tiles = int64_t(gx) * gy;
-  const int64_t slots = std::min<int64_t>(32, 2048 / (bx * by)) * num_sms(device);
-  int64_t per_block = 1;
-  if (tiles * a.B > slots) {
-    double best = -1.0;
-    for (int64_t s = 1; s <= std::min<int64_t>(a.B, 1 + a.B / 10); ++s) {
-      const int64_t per = (a.B + s - 1) / s;
-      const int64_t grid = tiles * ((a.B + per - 1) / per);
-      const double eff = double(grid) / double((grid + slots - 1) / slots * slots);
-      if (eff > best + 1e-9) best = eff, per_block = per;
-    }
-  }
-  per_block = std::max<int64_t>(per_block, (a.B + 65534) / 65535);  // grid.z <= 65535
+  // Each block reuses its embedding for its slice of the batch (grid.z), sliced for
+  // whole waves; 32 registers leave the thread limit binding.
+  const int64_t per_block = batch_per_block(int64_t(gx) * gy, a.B, thread_bound_slots(bx * by, device));
   const dim3 grid(gx, gy, static_cast<unsigned>((a.B + per_block - 1) / per_block));
   const dim3 block(bx, by);
   if (vec)
@@ -201,13 +177,29 @@ __global__ void pyramid_add_bwd_rows_kernel(const PyramidAddBwdArgs a) {
   }
 }
 
+// Each thread owns VEC consecutive channels of one level (VEC = 4: one 16-byte load
+// per chunk partial) and adds the level's partials in chunk order.
+template <int VEC>
 __global__ void pyramid_add_bwd_levels_kernel(const PyramidAddBwdArgs a) {
   const int64_t s = blockIdx.x;
-  const int64_t c = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
-  if (c >= a.C) return;
-  float acc = 0.f;
-  for (int k = a.level_chunk_offsets[s]; k < a.level_chunk_offsets[s + 1]; ++k) acc += a.partial[k * a.C + c];
-  store_any(a.dlvl, s * a.dlvl_row_stride + c, a.dlvl_dtype, acc);
+  const int64_t c0 = (static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x) * VEC;
+  if (c0 >= a.C) return;
+  float acc[VEC];
+#pragma unroll
+  for (int v = 0; v < VEC; ++v) acc[v] = 0.f;
+  for (int64_t k = a.level_chunk_offsets[s]; k < a.level_chunk_offsets[s + 1]; ++k) {
+    const float* row = a.partial + k * a.C + c0;
+    if constexpr (VEC > 1) {
+      // Host guarantees C % VEC == 0 and a 16-byte aligned workspace.
+      const Pack<float, VEC> p = *reinterpret_cast<const Pack<float, VEC>*>(row);
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) acc[v] += p.v[v];
+    } else {
+      acc[0] += row[0];
+    }
+  }
+#pragma unroll
+  for (int v = 0; v < VEC; ++v) store_any(a.dlvl, s * a.dlvl_row_stride + c0 + v, a.dlvl_dtype, acc[v]);
 }
 
 }  // namespace
@@ -253,8 +245,16 @@ void pyramid_pos_level_add_bwd(const PyramidAddBwdArgs& a, int device, cudaStrea
       check_last_launch("pyramid_add_bwd_rows_kernel");
     });
   }
-  const dim3 grid(static_cast<unsigned>(a.S), ceil_div(a.C, 256));
-  pyramid_add_bwd_levels_kernel<<<grid, 256, 0, stream>>>(a);
+  // The partials are the caller's fp32 (num_chunks, C) workspace: 16-byte rows when C % 4 == 0.
+  constexpr int kLevelVec = 4;
+  const bool level_vec = a.C % kLevelVec == 0 && reinterpret_cast<uintptr_t>(a.partial) % 16 == 0;
+  if (level_vec) {
+    const dim3 grid(static_cast<unsigned>(a.S), ceil_div(a.C, 256 * kLevelVec));
+    pyramid_add_bwd_levels_kernel<kLevelVec><<<grid, 256, 0, stream>>>(a);
+  } else {
+    const dim3 grid(static_cast<unsigned>(a.S), ceil_div(a.C, 256));
+    pyramid_add_bwd_levels_kernel<1><<<grid, 256, 0, stream>>>(a);
+  }
   check_last_launch("pyramid_add_bwd_levels_kernel");
 }
 

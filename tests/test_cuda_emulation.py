@@ -310,30 +310,49 @@ def _pyr_x(B, n, C, dtype, layout):
     return torch.randn(B, n, C + 16, dtype=dtype)[..., :C]
 
 
+def _vec16(t):
+    """Elements per 16-byte access the CUDA launchers use for ``t``: 1 where its
+    channel stride, row strides, size or alignment do not allow them."""
+    v = 16 // t.element_size()
+    ok = t.stride(-1) == 1 and t.shape[-1] % v == 0 and all(st % v == 0 for st in t.stride()[:-1])
+    return v if ok and t.data_ptr() % 16 == 0 else 1
+
+
 # id: scales, B, C, (x, pos, lvl dtypes), window, x layout, pos table, (pos_weight, sincos_weight),
-#     SMs, grad transposed, expected forward variant
+#     SMs, gradient layout, expected forward variant
 PYRAMID_CASES = {
-    "fp32-oddC": (SMALL, 3, 37, (f32, f32, f32), "full", "contig", "rows", (1.0, 0.0), 132, False, "VEC = 1"),
-    "fp32-vec-window": (RECT, 2, 40, (f32, f32, f32), "mid", "wide", "cols", (0.7, 0.3), 1, True, "VEC = 4"),
-    "fp16-vec-B5": (SMALL, 5, 64, (f16, f16, f16), "full", "contig", "rows", (1.0, 1.0), 1, False, "VEC = 8"),
-    "fp16-misaligned": (RECT, 2, 64, (f16, f16, f16), "level", "misaligned", "rows", (1.0, 0.0), 132, True,
+    "fp32-oddC": (SMALL, 3, 37, (f32, f32, f32), "full", "contig", "rows", (1.0, 0.0), 132, "contig", "VEC = 1"),
+    "fp32-vec-window": (RECT, 2, 40, (f32, f32, f32), "mid", "wide", "cols", (0.7, 0.3), 1, "transposed",
+                        "VEC = 4"),
+    "fp16-vec-B5": (SMALL, 5, 64, (f16, f16, f16), "full", "contig", "rows", (1.0, 1.0), 1, "contig", "VEC = 8"),
+    "fp16-misaligned": (RECT, 2, 64, (f16, f16, f16), "level", "misaligned", "rows", (1.0, 0.0), 132, "transposed",
                         "VEC = 1"),
-    "bf16-vec-nopos": (RECT, 1, 24, (bf16, bf16, bf16), "level", "contig", None, (1.0, 1.0), 132, False,
+    "bf16-vec-nopos": (RECT, 1, 24, (bf16, bf16, bf16), "level", "contig", None, (1.0, 1.0), 132, "contig",
                        "VEC = 8"),
-    "bf16-chstride": (SMALL, 3, 38, (bf16, bf16, bf16), "mid", "chstride", "cols", (0.7, 0.3), 132, True,
+    "bf16-chstride": (SMALL, 3, 38, (bf16, bf16, bf16), "mid", "chstride", "cols", (0.7, 0.3), 132, "transposed",
                       "VEC = 1"),
     "mixed-bf16x-fp32tables-vec": (RECT, 3, 64, (bf16, f32, f32), "full", "transposed", "rows", (0.7, 0.3), 1,
-                                   False, "VEC = 8"),
-    "mixed-fp16x-bf16pos": (SMALL, 2, 38, (f16, bf16, f32), "full", "contig", "rows", (1.0, 1.0), 132, True,
+                                   "contig", "VEC = 8"),
+    "mixed-fp16x-bf16pos": (SMALL, 2, 38, (f16, bf16, f32), "full", "contig", "rows", (1.0, 1.0), 132, "transposed",
                             "VEC = 1"),
-    "bf16-offset": (SMALL, 2, 64, (bf16, bf16, bf16), "full", "offset", "rows", (1.0, 0.5), 132, False, "VEC = 1"),
-    "sincos-only-C2": (RECT, 3, 2, (f32, f32, f32), "full", "contig", None, (1.0, 1.0), 132, False, "VEC = 1"),
+    "bf16-offset": (SMALL, 2, 64, (bf16, bf16, bf16), "full", "offset", "rows", (1.0, 0.5), 132, "contig",
+                    "VEC = 1"),
+    "sincos-only-C2": (RECT, 3, 2, (f32, f32, f32), "full", "contig", None, (1.0, 1.0), 132, "contig", "VEC = 1"),
+    # C not a multiple of 8: scalar 16-bit rows, 16-byte loads of the fp32 partials (C % 4 == 0)
+    "bf16-C44": (SMALL, 9, 44, (bf16, bf16, bf16), "full", "contig", "rows", (1.0, 0.0), 1, "contig", "VEC = 1"),
+    # the gradient's layout alone forces the scalar row sums: misaligned rows, channel stride 2, an offset pointer
+    "fp16-grad-misaligned": (RECT, 2, 64, (f16, f16, f16), "full", "contig", "rows", (1.0, 0.0), 132, "misaligned",
+                             "VEC = 8"),
+    "bf16-grad-chstride": (SMALL, 3, 32, (bf16, bf16, bf16), "mid", "contig", "cols", (1.0, 0.0), 1, "chstride",
+                           "VEC = 8"),
+    "fp32-grad-offset-oddC": (RECT, 2, 30, (f32, f32, f32), "level", "contig", "rows", (0.5, 0.0), 132, "offset",
+                              "VEC = 1"),
 }
 
 
 @pytest.mark.parametrize("case", list(PYRAMID_CASES))
 def test_pyramid(emu_pyramid, case):
-    scales, B, C, (xdt, pdt, ldt), window, layout, pos_kind, (pw, sw), sms, grad_t, variant = PYRAMID_CASES[case]
+    scales, B, C, (xdt, pdt, ldt), window, layout, pos_kind, (pw, sw), sms, glayout, variant = PYRAMID_CASES[case]
     torch.manual_seed(len(case))
     emu_pyramid.emu_set_num_sms(sms)  # 1 SM: the batch is split over grid.z
     sc = pyr_ref.normalize_scales(scales)
@@ -353,14 +372,15 @@ def test_pyramid(emu_pyramid, case):
     assert out.dtype == exp.dtype
     _close(out, exp, FWD_TOL[out.dtype], "out")
 
-    g = torch.randn(n, B, C, dtype=out.dtype).transpose(0, 1) if grad_t else torch.randn(B, n, C, dtype=out.dtype)
+    g = _pyr_x(B, n, C, out.dtype, glayout)
     leaves = [t for t in (x, pos, lvl) if t is not None]
     got = torch.autograd.grad(out, leaves, g)
     names = emu_pyramid.emu_take_kernels()
-    # 16-byte gradient loads whenever the channels allow (g has unit channel stride)
-    vec = 16 // g.element_size() if C % (16 // g.element_size()) == 0 else 1
-    assert any("pyramid_add_bwd_rows_kernel" in n and f"VEC = {vec}" in n for n in names), names
-    assert any("pyramid_add_bwd_levels_kernel" in n for n in names), names
+    # 16-byte gradient loads whenever its layout allows; 16-byte loads of the fp32
+    # chunk partials whenever C % 4 == 0
+    assert any("pyramid_add_bwd_rows_kernel" in n and f"VEC = {_vec16(g)}" in n for n in names), names
+    level_vec = 4 if C % 4 == 0 else 1
+    assert any("pyramid_add_bwd_levels_kernel" in n and f"VEC = {level_vec}" in n for n in names), names
     ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
     rx, rp, rl = ref_leaves[0], (ref_leaves[1] if pos is not None else None), ref_leaves[-1]
     o = pyr_ref.pyramid_pos_level_add(rx, rp, rl, sc, start=start, pos_weight=pw, sincos_weight=sw)
@@ -637,37 +657,48 @@ def test_qkv_proj_kv_cache_append(emu_qkv, case):
 # -------------------------------------------------------------- pos_embed
 
 # id: kind, options, x dtype, learned table shapes (dtype), C, scales, prefix, start, x layout, SMs,
-#     expected forward variant
+#     expected forward variant, gradient layout (learned kinds)
 POS_EMBED_CASES = {
-    "mae-fp32-prefix-vec": ("mae", {}, f32, None, 12, [1, 2, (2, 3)], 1, 2, "contig", 132, "VEC = 4"),
+    "mae-fp32-prefix-vec": ("mae", {}, f32, None, 12, [1, 2, (2, 3)], 1, 2, "contig", 132, "VEC = 4", None),
     "timm-bf16-interleave-reverse": ("timm", {"interleave": True, "reverse_coord": True}, bf16, None, 20,
-                                     [(3, 5)], 0, 1, "transposed", 1, "VEC = 1"),
+                                     [(3, 5)], 0, 1, "transposed", 1, "VEC = 1", None),
     "sincos_pyramid-fp16-oddhalf": ("sincos_pyramid", {}, f16, None, 10, [1, 2, 3], 0, 0, "chstride", 132,
-                                    "VEC = 1"),
-    "sincos_1d-fp32": ("sincos_1d", {"interleave": True}, f32, None, 6, [2, 3], 2, 3, "contig", 1, "VEC = 1"),
+                                    "VEC = 1", None),
+    "sincos_1d-fp32": ("sincos_1d", {"interleave": True}, f32, None, 6, [2, 3], 2, 3, "contig", 1, "VEC = 1", None),
     "detr-normalize-mask-vec": ("detr", {"normalize": True, "mask": True}, f32, None, 8, [(3, 4)], 1, 0, "wide", 1,
-                                "VEC = 4"),
-    "sam-bf16-vec": ("sam", {"gaussian": True}, bf16, None, 16, [1, (2, 3)], 0, 1, "contig", 132, "VEC = 8"),
+                                "VEC = 4", None),
+    "sam-bf16-vec": ("sam", {"gaussian": True}, bf16, None, 16, [1, (2, 3)], 0, 1, "contig", 132, "VEC = 8", None),
     "flexvar-fp32-C150": ("flexvar", {}, f32, [((1, 150, 5, 6), f32)], 150, [1, 2, (3, 7)], 0, 2, "contig", 132,
-                          "VEC = 1"),
+                          "VEC = 1", "contig"),
     "flexvar-bf16-vec-fp32grid": ("flexvar", {}, bf16, [((1, 24, 4, 4), f32)], 24, [1, 2, 5], 0, 1, "contig", 1,
-                                  "VEC = 8"),
+                                  "VEC = 8", "transposed"),
     "navit-bf16-fractional": ("navit", {"fractional": True}, bf16, [((5, 12), bf16), ((3, 12), bf16)], 12,
-                              [1, 2, (2, 3)], 0, 1, "transposed", 1, "VEC = 1"),
+                              [1, 2, (2, 3)], 0, 1, "transposed", 1, "VEC = 1", "contig"),
     "navit-fp16-offset": ("navit", {}, f16, [((3, 16), f16), ((3, 16), f16)], 16, [1, (3, 3)], 0, 0, "offset", 132,
-                          "VEC = 1"),
+                          "VEC = 1", "offset"),
     "pix2struct-fp16x-fp32tables": ("pix2struct", {}, f16, [((4, 33), f32), ((5, 33), f32)], 33,
-                                    [(3, 4)], 0, 0, "contig", 132, "VEC = 1"),
+                                    [(3, 4)], 0, 0, "contig", 132, "VEC = 1", "contig"),
+    # 16-bit, C a multiple of 8: 16-byte gradient loads, several tokens per block on 1 SM
+    "flexvar-bf16-C64-B9": ("flexvar", {}, bf16, [((1, 64, 4, 4), bf16)], 64, [1, 2, 3, 4], 0, 0, "contig", 1,
+                            "VEC = 8", "contig"),
+    # C not a multiple of 8 (but of 4): scalar 16-bit gradient, 16-byte loads of the fp32 token sums
+    "navit-fp16-C36": ("navit", {}, f16, [((3, 36), f16), ((3, 36), f16)], 36, [1, (3, 3)], 0, 0, "contig", 1,
+                       "VEC = 1", "contig"),
+    # the gradient's layout alone forces the scalar batch sums
+    "flexvar-bf16-grad-misaligned": ("flexvar", {}, bf16, [((1, 32, 4, 4), bf16)], 32, [1, 2, 4], 0, 1, "contig",
+                                     132, "VEC = 8", "misaligned"),
+    "navit-fp32-grad-chstride": ("navit", {}, f32, [((4, 16), f32), ((4, 16), f32)], 16, [2, (3, 4)], 0, 2,
+                                 "contig", 1, "VEC = 4", "chstride"),
 }
 
 
 @pytest.mark.parametrize("case", list(POS_EMBED_CASES))
 def test_pos_embed(emu_pos_embed, case):
-    kind, opts, xdt, shapes, C, scales, prefix, start, layout, sms, variant = POS_EMBED_CASES[case]
+    kind, opts, xdt, shapes, C, scales, prefix, start, layout, sms, variant, glayout = POS_EMBED_CASES[case]
     torch.manual_seed(len(case))
     emu_pos_embed.emu_set_num_sms(sms)  # 1 SM: the batch is split over grid.z
     sc = pyr_ref.normalize_scales(scales)
-    B = 3
+    B = 9 if case.endswith("B9") else 3
     n = prefix + pyr_ref.pyramid_length(sc) - start
     opts = dict(opts)
     if opts.pop("mask", False):
@@ -697,10 +728,14 @@ def test_pos_embed(emu_pos_embed, case):
     _close(out, exp, FWD_TOL[out.dtype], "out")
     if not tables:
         return
-    g = torch.randn(B, n, C, dtype=out.dtype)
+    g = _pyr_x(B, n, C, out.dtype, glayout)
     leaves = [x, *tables]
     got = torch.autograd.grad(out, leaves, g)
-    _ran(emu_pos_embed, "pos_embed_bwd_tokens_kernel", "pos_embed_bwd_table_kernel")
+    # 16-byte gradient loads whenever its layout allows; 16-byte loads of the fp32
+    # token sums whenever C % 4 == 0
+    names = emu_pos_embed.emu_take_kernels()
+    assert any("pos_embed_bwd_tokens_kernel" in k and f"VEC = {_vec16(g)}" in k for k in names), names
+    assert any("pos_embed_bwd_table_kernel" in k and f"VEC = {4 if C % 4 == 0 else 1}" in k for k in names), names
     ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
     o = pe_ref.pos_embed_add(ref_leaves[0], kind, sc, start=start, tables=tuple(ref_leaves[1:]),
                              num_prefix_tokens=prefix, **opts)
@@ -712,3 +747,44 @@ def test_pos_embed(emu_pos_embed, case):
     again = torch.autograd.grad(run(), leaves, g)
     for a, b in zip(got, again):
         assert torch.equal(a, b)
+
+
+# ------------------------------------------- launch shapes at the SPEC workloads
+
+def _dry_grids(module, fn):
+    """(grid size, threads per block) of every launch ``fn`` makes, from the real host
+    code in dry mode (no kernel runs)."""
+    module.emu_set_dry(True)
+    try:
+        fn()
+    finally:
+        module.emu_set_dry(False)
+    grids = []
+    for entry in module.emu_take_launches():
+        _, grid, block, _ = entry.split("|")
+        grids.append((math.prod(map(int, grid.split(","))), math.prod(map(int, block.split(",")))))
+    return grids
+
+
+@pytest.mark.parametrize("B,C", [(64, 1024), (32, 1920)])
+def test_pos_embed_launches_fill_whole_waves_at_spec_shapes(emu_pos_embed, monkeypatch, B, C):
+    """FlexVAR at the VAR-d16 / d30 sizes (bf16, 132 SMs): the forward slices the batch
+    by the pyramid forward's rule and the backward's batch sums take tokens per block
+    for whole waves of the blocks an SM holds (2048 threads: the kernels keep to 32
+    registers, which tools/kernel_report.py checks against the compiled kernels)."""
+    from posenc_fast.triton_kernels._launch import wave_efficiency
+
+    monkeypatch.setattr(PE._checks, "_POISON", False)
+    pn = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
+    scales = tuple((s, s) for s in pn)
+    x = torch.empty(B, sum(s * s for s in pn), C, dtype=bf16)
+    tables = (torch.empty(1, C, 32, 32, dtype=bf16),)
+    opts = dict(temperature=10000.0, interleave=False, reverse_coord=False, normalize=False, scale=2 * math.pi,
+                fractional=False)
+    rows = PE._validate(x, "flexvar", scales, 0, tables, None, None, 0, opts)[2]
+    static = PE._static_inputs("flexvar", scales, rows, 0, opts, False, C, x.device)
+    args = PE._op_args("flexvar", x, tables, None, None, 0, 0, opts, static, "cuda")
+    (fwd,) = _dry_grids(emu_pos_embed, lambda: PE._forward(*args))
+    tokens, _ = _dry_grids(emu_pos_embed, lambda: PE._backward_impl(x, *args[5:8], 0, bf16, "cuda"))
+    for grid, threads in (fwd, tokens):
+        assert wave_efficiency(grid, 2048 // threads * 132) >= 0.85, (grid, threads)

@@ -50,7 +50,7 @@ def test_check_passes_with_the_known_failures_only(report):
 def test_every_op_backend_and_workload_is_reported(report):
     _, data = report
     calls = {(c["op"], c["direction"], c["backend"]) for c in data["calls"]}
-    for op in ("pyramid_pos_level_add", "apply_rope", "qkv_proj"):
+    for op in ("pyramid_pos_level_add", "pos_embed_add", "apply_rope", "qkv_proj"):
         for d in ("fwd", "bwd"):
             for b in ("triton", "cuda"):
                 assert (op, d, b) in calls

@@ -3,6 +3,7 @@ definition (and vs re-derivations of the small upstream functions: MAE's, timm's
 DETR's, SAM's, FlexVAR's interpolation), fast backends vs the reference (forward
 and backward, every dtype, odd sizes), modules and their state dicts, errors."""
 
+import functools
 import math
 
 import pytest
@@ -608,3 +609,45 @@ def test_gaussian_requiring_grad_is_refused():
 def test_detr_module_scale_without_normalize():
     with pytest.raises(ValueError, match="normalize should be True"):
         pf.DETRPositionEmbeddingSine(8, scale=3.0)
+
+
+class _GridRecorder:
+    """Stands in for a Triton kernel: ``kernel[grid](...)`` records the grid."""
+
+    def __init__(self):
+        self.grids = []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.grids.append(tuple(grid))
+
+
+@pytest.mark.parametrize("kind,B,C", [("flexvar", 64, 1024), ("flexvar", 32, 1920), ("navit", 64, 1024),
+                                      ("sincos_pyramid", 64, 1024)])
+def test_triton_forward_grid_fills_whole_waves_at_spec_shapes(monkeypatch, kind, B, C):
+    """The forward launcher slices the batch as the pyramid forward does
+    (_launch.batch_per_program): whole waves of the programs an H100 holds, the
+    tables re-read by at most 1 + B / 10 slices. (tools/kernel_report.py checks the
+    programs per SM against the compiled kernel.)"""
+    pytest.importorskip("triton")
+    from posenc_fast.triton_kernels import _launch, pos_embed_add as tk
+
+    rec = _GridRecorder()
+    monkeypatch.setattr(tk, "_fwd_kernel", rec)
+    monkeypatch.setattr(tk, "num_sms", lambda device: 132)
+    # grids are cached per shape: none computed for another SM count may answer
+    monkeypatch.setattr(tk, "_fwd_config", functools.lru_cache(tk._fwd_config.__wrapped__))
+    monkeypatch.setattr(pf._checks, "_POISON", False)
+    pn = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
+    scales = tuple((s, s) for s in pn)
+    x = torch.empty(B, sum(s * s for s in pn), C, dtype=torch.bfloat16)
+    tables = {"flexvar": (torch.empty(1, C, 32, 32, dtype=torch.bfloat16),),
+              "navit": (torch.empty(16, C, dtype=torch.bfloat16),) * 2}.get(kind, ())
+    opts = P._opts(10000.0, False, False, False, P._TWO_PI, False)
+    rows = P._validate(x, kind, scales, 0, tables, None, None, 0, opts)[2]
+    static = P._static_inputs(kind, scales, rows, 0, opts, False, C, x.device)
+    P._forward(*P._op_args(kind, x, tables, None, None, 0, 0, opts, static, "triton"))
+    (grid,) = rec.grids
+    shape = {"flexvar": "gather", "navit": "rows"}.get(kind, "fixed")
+    slots = tk._FWD_SHAPE[shape][1] * 132
+    assert _launch.wave_efficiency(math.prod(grid), slots) >= 0.85, grid
+    assert grid[2] <= 1 + B // 10, grid

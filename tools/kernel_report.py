@@ -65,6 +65,11 @@ MIN_WAVE_EFFICIENCY = 0.85
 BYTES_RATIO = {
     ("pyramid_pos_level_add", "fwd"): 1.05,
     ("pyramid_pos_level_add", "bwd"): 1.10,
+    ("pos_embed_add", "fwd"): 1.05,
+    # The fp32 per-token batch sums (written, then gathered per table row) cost
+    # 8 bytes per (token, channel) against the gradient's 2 B per (image, token,
+    # channel): 1 + 4 / B, 1.125 at B = 32.
+    ("pos_embed_add", "bwd"): 1.15,
     ("apply_rope", "fwd"): 1.02,
     ("apply_rope", "bwd"): 1.02,
     ("qkv_proj", "fwd", "triton"): 1.05,
@@ -85,11 +90,19 @@ class Workload:
     name: str
     headline: bool
     params: dict
+    directions: Tuple[str, ...] = ("fwd", "bwd")
 
 
 WORKLOADS: Dict[str, List[Workload]] = {
     "pyramid_pos_level_add": [Workload("var-d16-b64", True, dict(B=64, C=1024)),
                               Workload("var-d30-b32", True, dict(B=32, C=1920))],
+    # FlexVAR (VAR's pyramid, learned 32 x 32 grid area-resized per scale) at the VAR
+    # sizes; NaViT's factorized row + column tables, the other learned 2D layout.
+    "pos_embed_add": [Workload("flexvar-d16-b64", True, dict(B=64, C=1024, kind="flexvar", grid=32)),
+                      Workload("flexvar-d30-b32", True, dict(B=32, C=1920, kind="flexvar", grid=32)),
+                      Workload("navit-d16-b64", False, dict(B=64, C=1024, kind="navit", grid=16)),
+                      # a fixed kind: the sinusoids generated in the kernel, no backward kernel
+                      Workload("sincos-d16-b64", False, dict(B=64, C=1024, kind="sincos_pyramid"), ("fwd",))],
     "apply_rope": [Workload("infinity-2b-b4", True, dict(B=4, H=16, D=128, sched="inf64")),
                    Workload("var-d16-b32", True, dict(B=32, H=16, D=64, sched="var"))],
     "qkv_proj": [Workload("var-d16-b32", True, dict(B=32, C=1024, H=16, sched="var", rope=False)),
@@ -132,7 +145,8 @@ def _intercept(rec: _Recorder, cuda_lib=None):
 
     import posenc_fast._backends as backends
     import posenc_fast._cuda as cuda
-    from posenc_fast.triton_kernels import pyramid_pos_level_add as tp, qkv_proj as tq, rope as tr
+    from posenc_fast.triton_kernels import pos_embed_add as te, pyramid_pos_level_add as tp, qkv_proj as tq, \
+        rope as tr
     from triton_aot_check import _specialise
 
     saved = []
@@ -183,7 +197,7 @@ def _intercept(rec: _Recorder, cuda_lib=None):
                                            config=label))
 
     swap(backends, "unavailable_reason", lambda name, device=None: None)
-    for mod in (tp, tq, tr):
+    for mod in (te, tp, tq, tr):
         if hasattr(mod, "num_sms"):
             swap(mod, "num_sms", lambda device: H100["sms"])
         for name, obj in list(vars(mod).items()):
@@ -213,7 +227,7 @@ def _run_op(op: str, direction: str, backend: str, w: Workload) -> None:
     import torch
 
     import posenc_fast as pf
-    from posenc_fast.ops import pyramid as op_pyr, qkv_proj as op_qkv, rope as op_rope
+    from posenc_fast.ops import pos_embed as op_pe, pyramid as op_pyr, qkv_proj as op_qkv, rope as op_rope
 
     p = w.params
     dt = torch.bfloat16
@@ -228,6 +242,20 @@ def _run_op(op: str, direction: str, backend: str, w: Workload) -> None:
             op_pyr._forward(t(B, L, C), t(1, L, C), t(S, C), flat, 0, 1.0, 0.0, backend)
         else:
             op_pyr._backward_impl(t(B, L, C), flat, 0, L, 1.0, True, dt, dt, backend)
+    elif op == "pos_embed_add":
+        L, B, C, kind = sum(x * x for x in VAR_PN), p["B"], p["C"], p["kind"]
+        scales = tuple((x, x) for x in VAR_PN)
+        tables = {"flexvar": lambda: (t(1, C, p["grid"], p["grid"]),),
+                  "navit": lambda: (t(p["grid"], C), t(p["grid"], C))}.get(kind, tuple)()
+        opts = op_pe._opts(10000.0, False, False, False, op_pe._TWO_PI, False)
+        rows = op_pe._validate(t(B, L, C), kind, scales, 0, tables, None, None, 0, opts)[2]
+        static = op_pe._static_inputs(kind, scales, rows, 0, opts, False, C, torch.device("cpu"))
+        args = op_pe._op_args(kind, t(B, L, C), tables, None, None, 0, 0, opts, static, backend)
+        if direction == "fwd":
+            op_pe._forward(*args)
+        else:
+            tptr, ttok, tw = args[5:8]
+            op_pe._backward_impl(t(B, L, C), tptr, ttok, tw, 0, dt, backend)
     elif op == "apply_rope":
         pn = _pyramid(p["sched"])
         coords, freqs = pf.pyramid_coords(pn, mode="round"), pf.axial_rope_freqs(p["D"])
@@ -277,7 +305,8 @@ def record(op: str, direction: str, backend: str, w: Workload) -> List[Launch]:
 # ------------------------------------- CUDA launches: the host code, dry-run
 
 _EMU_MODULES: Dict[str, object] = {}
-_FAMILY = {"pyramid_pos_level_add": "pyramid", "apply_rope": "rope", "qkv_proj": "qkv_proj"}
+_FAMILY = {"pyramid_pos_level_add": "pyramid", "pos_embed_add": "pos_embed", "apply_rope": "rope",
+           "qkv_proj": "qkv_proj"}
 
 
 def _emulated(op: str):
@@ -323,9 +352,27 @@ def bytes_model(op: str, direction: str, backend: str, w: Workload, launches: Li
             splits = max(l.grid[2] for l in launches)
             moved = minimum + (splits - 1) * (L * C + S * C) * E + L * 3 * 4
             return moved, minimum, f"x + out once; pos/lvl re-read by {splits} batch slices; token table"
-        chunks = sum(cdiv(x * x, 8) for x in VAR_PN)
+        from posenc_fast.ops.pyramid import _CHUNK_ROWS
+
+        chunks = sum(cdiv(x * x, _CHUNK_ROWS) for x in VAR_PN)
         minimum = (B * L * C + L * C + S * C) * E
         return minimum + 2 * chunks * C * 4, minimum, "grad once; fp32 per-chunk partials written and read"
+    if op == "pos_embed_add":
+        L, B, C = sum(x * x for x in VAR_PN), p["B"], p["C"]
+        if p["kind"] not in ("flexvar", "navit"):
+            return 2 * B * L * C * E + L * 3 * 4 + C * 3 * 4, 2 * B * L * C * E, \
+                "x + out once; fp32 coordinates and channel descriptors"
+        K = p["grid"] ** 2 if p["kind"] == "flexvar" else 2 * p["grid"]
+        entries = _pos_embed_entries(p)
+        if direction == "fwd":
+            minimum = (2 * B * L * C + K * C) * E
+            splits = max(l.grid[2] for l in launches)
+            moved = minimum + (splits - 1) * K * C * E + (L + 1) * 4 + entries * 8
+            return moved, minimum, (f"x + out once; table re-read by {splits} batch slices (its {entries} row "
+                                    f"gathers per slice hit L2); row map")
+        minimum = (B * L * C + K * C) * E
+        return minimum + 2 * L * C * 4 + (K + 1) * 4 + entries * 8, minimum, \
+            "grad once; fp32 per-token sums written and gathered; transposed row map"
     if op == "apply_rope":
         L = sum(x * x for x in _pyramid(p["sched"]))
         n = p["B"] * p["H"] * L * p["D"] * E
@@ -341,6 +388,16 @@ def bytes_model(op: str, direction: str, backend: str, w: Workload, launches: Li
             "; fp32 inverse norms"
     minimum = (3 * M * C + 2 * M * C + 3 * M * C) * E  # dq dk dv, saved q k, dqkv
     return minimum + 2 * M * p["H"] * 4, minimum, "dq, dk, dv, saved q, k read; dqkv written; inverse norms"
+
+
+def _pos_embed_entries(p: dict) -> int:
+    """Table rows the pyramid's tokens read (FlexVAR: the area windows' cells)."""
+    from posenc_fast.ops import pos_embed as op_pe
+
+    if p["kind"] != "flexvar":
+        return 2 * sum(x * x for x in VAR_PN)
+    g = p["grid"]
+    return sum(sum(b - a for a, b in op_pe._area_windows(x, g)) ** 2 for x in VAR_PN)
 
 
 # -------------------------------------------------------------- compiler facts
@@ -539,6 +596,8 @@ def analyse(archs: List[int]) -> Tuple[List[Row], List[dict]]:
     for op, workloads in WORKLOADS.items():
         for direction in ("fwd", "bwd"):
             for w in workloads:
+                if direction not in w.directions:
+                    continue
                 for backend in ("triton", "cuda"):
                     launches = record(op, direction, backend, w)
                     moved, minimum, how = bytes_model(op, direction, backend, w, launches)

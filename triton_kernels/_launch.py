@@ -28,7 +28,8 @@ def next_power_of_2(n: int) -> int:
 
 def batch_per_program(tiles: int, B: int, slots: int) -> int:
     """Batch rows per program of a kernel that streams each embedding tile onto a
-    slice of the batch: grid = tiles x slices.
+    slice of the batch: grid = tiles x slices (csrc/device_utils.cuh
+    ``batch_per_block`` is its CUDA twin).
 
     A problem too small to fill one wave of ``slots`` resident programs gets one row
     per program (sampling: latency over reuse). Otherwise the slice count whose grid
@@ -48,3 +49,23 @@ def batch_per_program(tiles: int, B: int, slots: int) -> int:
 def wave_efficiency(grid: int, slots: int) -> float:
     """Fraction of the resident-program slots the last wave leaves busy, over the run."""
     return grid / (cdiv(grid, slots) * slots)
+
+
+@functools.lru_cache(maxsize=1024)
+def stream_tiling(B: int, n: int, C: int, slots: int, tile: int = 2048):
+    """(BLOCK_C, BLOCK_T, batch rows per program) of a kernel whose programs build a
+    (token block, channel block) embedding tile of about ``tile`` elements once and
+    stream it onto a slice of the batch. Tile width and slices are chosen for whole
+    waves of ``slots`` resident programs (a channel block that does not divide C also
+    leaves lanes idle).
+    Cached: sampling calls the same few shapes at every step."""
+    best = None
+    for width in (256, 128):
+        block_c = min(next_power_of_2(C), width)
+        block_t = max(1, min(tile // block_c, next_power_of_2(n)))
+        tiles = cdiv(n, block_t) * cdiv(C, block_c)
+        per = batch_per_program(tiles, B, slots)
+        eff = wave_efficiency(tiles * cdiv(B, per), slots) * C / (cdiv(C, block_c) * block_c)
+        if best is None or eff > best[0] + 1e-9:
+            best = (eff, block_c, block_t, per)
+    return best[1:]

@@ -8,16 +8,19 @@ memory); then streams it onto a slice of the batch. With per-image coordinates
 (DETR's padding mask) the fixed part is computed per image.
 
 Backward (deterministic, no atomics): ``_bwd_tokens_kernel`` sums the gradient over
-the batch per token (fp32); ``_bwd_table_kernel`` gathers each table row from the
-tokens that read it, in token order.
+the batch per token (fp32; a (batch block, channel block) tile per step, reduced
+in a fixed order); ``_bwd_table_kernel`` gathers each table row from the tokens
+that read it, in token order.
 """
 
 from __future__ import annotations
 
+import functools
+
 import triton
 import triton.language as tl
 
-from ._launch import cdiv, next_power_of_2, num_sms
+from ._launch import cdiv, next_power_of_2, num_sms, stream_tiling
 
 
 @triton.jit
@@ -75,17 +78,19 @@ def _fwd_kernel(x_ptr, out_ptr, table_ptr, cptr_ptr, cidx_ptr, cw_ptr, coords_pt
 
 
 @triton.jit
-def _bwd_tokens_kernel(g_ptr, gtok_ptr, B, n, C, sgb, sgt, sgc,
-                       BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
-    t = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+def _bwd_tokens_kernel(g_ptr, gtok_ptr, B, C, sgb, sgt, sgc, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr):
+    # int64 indices: the gradient's batch or row offsets may pass 2^31 elements.
+    t = tl.program_id(0).to(tl.int64)
     c = (tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
-    mask = (t < n)[:, None] & (c < C)[None, :]
-    acc = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
-    g_ptrs = g_ptr + t[:, None] * sgt + c[None, :] * sgc
-    for _ in range(0, B):  # a counter only (the pointers advance)
-        acc += tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)
-        g_ptrs += sgb
-    tl.store(gtok_ptr + t[:, None] * C + c[None, :], acc, mask=mask)
+    c_ok = c < C
+    b = tl.arange(0, BLOCK_B).to(tl.int64)
+    g_row = g_ptr + t * sgt + c[None, :] * sgc
+    acc = tl.zeros([BLOCK_B, BLOCK_C], dtype=tl.float32)
+    for _ in range(0, B, BLOCK_B):  # a counter only (b advances)
+        m = (b < B)[:, None] & c_ok[None, :]
+        acc += tl.load(g_row + b[:, None] * sgb, mask=m, other=0.0).to(tl.float32)
+        b += BLOCK_B
+    tl.store(gtok_ptr + t * C + c, tl.sum(acc, axis=0), mask=c_ok)
 
 
 @triton.jit
@@ -106,6 +111,26 @@ def _bwd_table_kernel(gtok_ptr, tptr_ptr, ttok_ptr, tw_ptr, dtab_ptr, C, n, star
     tl.store(dtab_ptr + k.to(tl.int64) * sdk + c, acc.to(dtab_ptr.dtype.element_ty), mask=c_ok)
 
 
+# _fwd_kernel (4 warps, Triton's default) by how the embedding is built: (elements of
+# the tile a thread holds, programs an SM holds on sm_90). Registers there: rows of a
+# table with unit channel stride 48; a gather across table rows (FlexVAR's grid seen
+# as (K, C) has channel stride K) 64; a shared sinusoid 71 at 8 elements a thread (sin
+# and cos are both evaluated: at 16 it spilled); per-image sinusoids (DETR's mask) 117
+# (at 8 it spilled). tools/kernel_report.py checks these at its workloads.
+_FWD_THREADS = 128
+_FWD_SHAPE = {"rows": (16, 10), "gather": (16, 8), "fixed": (8, 7), "per_image": (16, 4)}
+
+
+@functools.lru_cache(maxsize=1024)
+def _fwd_config(B: int, n: int, C: int, shape: str, device: torch.device):
+    """(grid, BLOCK_C, BLOCK_T, batch rows per program), cached per shape (host time at
+    sampling sizes). Each program reuses its embedding tile across its batch slice,
+    sliced for whole waves as in the pyramid forward."""
+    per_thread, programs = _FWD_SHAPE[shape]
+    BLOCK_C, BLOCK_T, b_per_prog = stream_tiling(B, n, C, programs * num_sms(device), per_thread * _FWD_THREADS)
+    return (cdiv(n, BLOCK_T), cdiv(C, BLOCK_C), cdiv(B, b_per_prog)), BLOCK_C, BLOCK_T, b_per_prog
+
+
 def pos_embed_add_fwd(x, table, cptr, cidx, cw, coords, desc, out, *, start: int, angle_scale: float) -> None:
     """Writes ``out`` (contiguous (B, n, C)). ``table`` (K, C) with its row map
     (cptr, cidx, cw) or None; ``coords`` (P + L, 3) or per image (B, P + L, 3) with
@@ -113,16 +138,13 @@ def pos_embed_add_fwd(x, table, cptr, cidx, cw, coords, desc, out, *, start: int
     B, n, C = x.shape
     if B == 0 or n == 0:
         return
-    BLOCK_C = min(next_power_of_2(C), 128)
-    BLOCK_T = max(1, min(2048 // BLOCK_C, next_power_of_2(n)))
-    tiles = cdiv(n, BLOCK_T) * cdiv(C, BLOCK_C)
     has_table, has_fixed = table is not None, coords is not None
     per_image = has_fixed and coords.dim() == 3
-    # Split the batch until the grid fills the device; each program reuses its
-    # embedding tile across its batch slice.
-    splits = max(1, min(B, (8 * num_sms(x.device)) // max(tiles, 1)))
-    b_per_prog = cdiv(B, splits)
-    grid = (cdiv(n, BLOCK_T), cdiv(C, BLOCK_C), cdiv(B, b_per_prog))
+    if has_table:
+        shape = "rows" if table.stride(1) == 1 else "gather"
+    else:
+        shape = "per_image" if per_image else "fixed"
+    grid, BLOCK_C, BLOCK_T, b_per_prog = _fwd_config(B, n, C, shape, x.device)
     dummy = out
     _fwd_kernel[grid](
         x, out, table if has_table else dummy, cptr if has_table else dummy, cidx if has_table else dummy,
@@ -139,13 +161,17 @@ def pos_embed_add_bwd(grad, gtok, tptr, ttok, tw, dtable, *, start: int) -> None
     """Writes ``gtok`` (n, C) fp32 workspace and every row of ``dtable`` (K, C)."""
     B, n, C = grad.shape
     K = dtable.shape[0]
-    BLOCK_C = min(next_power_of_2(C), 128)
     if n > 0:
-        BLOCK_T = max(1, min(2048 // BLOCK_C, next_power_of_2(n)))
-        _bwd_tokens_kernel[(cdiv(n, BLOCK_T), cdiv(C, BLOCK_C))](
-            grad, gtok, B, n, C, grad.stride(0), grad.stride(1), grad.stride(2), BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C,
+        # One token a program: over ten waves at the SPEC workloads.
+        BLOCK_C = min(next_power_of_2(C), 64)
+        BLOCK_B = max(1, min(next_power_of_2(max(B, 1)), 4096 // BLOCK_C))
+        _bwd_tokens_kernel[(n, cdiv(C, BLOCK_C))](
+            grad, gtok, B, C, grad.stride(0), grad.stride(1), grad.stride(2), BLOCK_B=BLOCK_B, BLOCK_C=BLOCK_C,
         )
     if K > 0:
+        # Four fp32 channels a thread: 16-byte loads of the workspace.
+        BLOCK_C = min(next_power_of_2(C), 512)
         _bwd_table_kernel[(K, cdiv(C, BLOCK_C))](
             gtok, tptr, ttok, tw, dtable, C, n, start, dtable.stride(0), BLOCK_C=BLOCK_C,
+            num_warps=max(1, BLOCK_C // 128),
         )

@@ -22,7 +22,7 @@ import math
 import triton
 import triton.language as tl
 
-from ._launch import batch_per_program, cdiv, next_power_of_2, num_sms, wave_efficiency
+from ._launch import cdiv, next_power_of_2, num_sms, stream_tiling
 
 _LN_10000 = math.log(10000.0)
 
@@ -123,28 +123,10 @@ FWD_PROGRAMS_PER_SM = 10
 
 
 @functools.lru_cache(maxsize=1024)
-def _fwd_tiling(B: int, n: int, C: int, slots: int):
-    """(BLOCK_C, BLOCK_T, batch rows per program). Each program reuses its embedding
-    tile across its batch slice; tile width and slices are chosen for whole waves of
-    ``slots`` resident programs (a channel block that does not divide C also leaves
-    lanes idle). Cached: sampling calls the same few shapes at every step."""
-    best = None
-    for width in (256, 128):
-        block_c = min(next_power_of_2(C), width)
-        block_t = max(1, min(2048 // block_c, next_power_of_2(n)))
-        tiles = cdiv(n, block_t) * cdiv(C, block_c)
-        per = batch_per_program(tiles, B, slots)
-        eff = wave_efficiency(tiles * cdiv(B, per), slots) * C / (cdiv(C, block_c) * block_c)
-        if best is None or eff > best[0] + 1e-9:
-            best = (eff, block_c, block_t, per)
-    return best[1:]
-
-
-@functools.lru_cache(maxsize=1024)
 def _fwd_config(B: int, n: int, C: int, device: torch.device):
     """(grid, BLOCK_C, BLOCK_T, batch rows per program), cached per shape: at sampling
     sizes the launcher's host time is the op's cost."""
-    BLOCK_C, BLOCK_T, b_per_prog = _fwd_tiling(B, n, C, FWD_PROGRAMS_PER_SM * num_sms(device))
+    BLOCK_C, BLOCK_T, b_per_prog = stream_tiling(B, n, C, FWD_PROGRAMS_PER_SM * num_sms(device))
     return (cdiv(n, BLOCK_T), cdiv(C, BLOCK_C), cdiv(B, b_per_prog)), BLOCK_C, BLOCK_T, b_per_prog
 
 

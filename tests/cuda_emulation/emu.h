@@ -336,6 +336,8 @@ void emu_launch(dim3 g, dim3 b, size_t smem, F&& body) {
 // The emulated replacements of csrc/common.cu.
 namespace posenc {
 inline void set_device(int) {}
+// Not cached: tests change the SM count between calls.
+inline int num_sms(int) { return emu_num_sms; }
 inline void check_last_launch(const char* kernel_name) {
   std::lock_guard<std::mutex> g(emu_error_mu);
   if (emu_error_count == 0) return;

@@ -45,4 +45,8 @@ void set_device(int device);
 // Checks the launch that was just issued (configuration errors, sticky errors).
 void check_last_launch(const char* kernel_name);
 
+// Streaming multiprocessors of `device`, cached: a device query per launch would cost
+// more host time than a small kernel takes on the GPU.
+int num_sms(int device);
+
 }  // namespace posenc
