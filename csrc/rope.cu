@@ -169,10 +169,10 @@ __global__ void __launch_bounds__(kThreads, DFREQS ? 2 : 4) rope_kernel(const Pa
     tok[i] = (tl < p.tile && l0 + tl < p.L) ? l0 + tl : -1;
   }
 
-  // y0 = x0 cs - x1 sn, y1 = x0 sn1 + x1 cs1; cs1 / sn1 differ from cs / sn only
-  // for a full-width table.
-  constexpr int N1 = FULL ? NT : 1, V1 = FULL ? VP : 1;
-  float cs[NT][VP], sn[NT][VP], cs1[N1][V1], sn1[N1][V1];
+  // y0 = x0 cs - x1 sn, and y1 = x0 sn + x1 cs except for a full-width table, whose
+  // second-element entries are read per head (L1 hits after the first head): four
+  // register arrays would spill.
+  float cs[NT][VP], sn[NT][VP];
   auto angles = [&](const float* f) {
 #pragma unroll
     for (int i = 0; i < NT; ++i) {
@@ -182,16 +182,9 @@ __global__ void __launch_bounds__(kThreads, DFREQS ? 2 : 4) rope_kernel(const Pa
         if (p.A == 0) {  // table mode: coords is the (2 or 4, B or 1, L, P) table, cs[2] its plane stride
           const float* t = cb + tok[i] * p.cs[1] + j0 + v;
           cs[i][v] = t[0];
-          const float s = t[p.cs[2]];
-          if constexpr (FULL) {
-            cs1[i][v] = t[2 * p.cs[2]];
-            const float s1 = t[3 * p.cs[2]];
-            // The transpose (backward) swaps the two sines.
-            sn[i][v] = p.conjugate ? -s1 : s;
-            sn1[i][v] = p.conjugate ? -s : s1;
-          } else {
-            sn[i][v] = p.conjugate ? -s : s;
-          }
+          // The transpose (backward) of a full-width table swaps the two sines.
+          const float s = t[(FULL && p.conjugate ? 3 : 1) * p.cs[2]];
+          sn[i][v] = p.conjugate ? -s : s;
           continue;
         }
         // Round each product, then add in axis order: the reference's arithmetic.
@@ -238,8 +231,13 @@ __global__ void __launch_bounds__(kThreads, DFREQS ? 2 : 4) rope_kernel(const Pa
 #pragma unroll
       for (int v = 0; v < VP; ++v) {
         y0[v] = x0[v] * cs[i][v] - x1[v] * sn[i][v];
-        if constexpr (FULL) y1[v] = x0[v] * sn1[i][v] + x1[v] * cs1[i][v];
-        else y1[v] = x0[v] * sn[i][v] + x1[v] * cs[i][v];
+        if constexpr (FULL) {
+          const float* t = cb + tok[i] * p.cs[1] + j0 + v;
+          const float s1 = t[(p.conjugate ? 1 : 3) * p.cs[2]];
+          y1[v] = x0[v] * (p.conjugate ? -s1 : s1) + x1[v] * t[2 * p.cs[2]];
+        } else {
+          y1[v] = x0[v] * sn[i][v] + x1[v] * cs[i][v];
+        }
       }
       store_pairs<T, VP, INTERLEAVED, VEC>(ob + tok[i] * os[2], os[3], j0, p.P, y0, y1);
       if constexpr (DFREQS) {

@@ -72,6 +72,13 @@ BYTES_RATIO = {
     ("pos_embed_add", "bwd"): 1.15,
     ("apply_rope", "fwd"): 1.02,
     ("apply_rope", "bwd"): 1.02,
+    # A cos/sin table (fp32; 2 planes of D/2, or 4 at full width, per token) is read
+    # again by every (batch element, head split) slice (counted, though it may hit in
+    # L2): 1 + (B S - 1) T / (4 n + T). At Infinity-2B B = 4 the CUDA launcher splits
+    # the heads in S = 2 for whole waves (0.83 -> 1.0 of the last wave busy): 1.05
+    # (pairs), 1.11 (full width).
+    ("apply_rope", "fwd", "table"): 1.12,
+    ("apply_rope", "bwd", "table"): 1.12,
     ("qkv_proj", "fwd", "triton"): 1.05,
     # cuBLAS writes the packed qkv and the epilogue reads it back: (x + W + 3 M C out
     # + 2 x 3 M C) / (x + W + 3 M C out) = 2.5 for M >> C. Only a GEMM with the
@@ -104,7 +111,12 @@ WORKLOADS: Dict[str, List[Workload]] = {
                       # a fixed kind: the sinusoids generated in the kernel, no backward kernel
                       Workload("sincos-d16-b64", False, dict(B=64, C=1024, kind="sincos_pyramid"), ("fwd",))],
     "apply_rope": [Workload("infinity-2b-b4", True, dict(B=4, H=16, D=128, sched="inf64")),
-                   Workload("var-d16-b32", True, dict(B=32, H=16, D=64, sched="var"))],
+                   Workload("var-d16-b32", True, dict(B=32, H=16, D=64, sched="var")),
+                   # table-defined rotations at the Infinity-2B shapes: mode 1's resampled
+                   # per-pair tables, and a full-width rotate-half table (HART / HF style)
+                   Workload("infinity-2b-b4-mode1", False, dict(B=4, H=16, D=128, sched="inf64", table="pairs")),
+                   Workload("full-table-inf64-b4", False,
+                            dict(B=4, H=16, D=128, sched="inf64", table="full", pairing="half"))],
     "qkv_proj": [Workload("var-d16-b32", True, dict(B=32, C=1024, H=16, sched="var", rope=False)),
                  Workload("var-d30-b32", True, dict(B=32, C=1920, H=30, sched="var", rope=False)),
                  Workload("infinity-2b-b4", True, dict(B=4, C=2048, H=16, sched="inf64", rope=True))],
@@ -261,8 +273,13 @@ def _run_op(op: str, direction: str, backend: str, w: Workload) -> None:
         coords, freqs = pf.pyramid_coords(pn, mode="round"), pf.axial_rope_freqs(p["D"])
         L = coords.shape[0]
         q, k = t(p["B"], p["H"], L, p["D"]), t(p["B"], p["H"], L, p["D"])
+        pairing = p.get("pairing", "interleaved")
+        if p.get("table"):  # what apply_rope hands the kernels for cos= / sin= tables
+            width = p["D"] if p["table"] == "full" else p["D"] // 2
+            cos = sin = t(L, width, dtype=torch.float32)
+            coords, freqs = op_rope._kernel_inputs(q, None, None, cos, sin, pairing)
         # backward with frozen freqs: the conjugate rotation of the output gradients
-        op_rope._forward(q, k, coords, freqs, True, direction == "bwd", backend)
+        op_rope._forward(q, k, coords, freqs, pairing == "interleaved", direction == "bwd", backend)
     else:
         pn = _pyramid(p["sched"])
         L, C, H = sum(x * x for x in pn), p["C"], p["H"]
@@ -376,7 +393,12 @@ def bytes_model(op: str, direction: str, backend: str, w: Workload, launches: Li
     if op == "apply_rope":
         L = sum(x * x for x in _pyramid(p["sched"]))
         n = p["B"] * p["H"] * L * p["D"] * E
-        minimum = 4 * n if direction == "fwd" else 4 * n
+        if p.get("table"):
+            table = L * (p["D"] if p["table"] == "full" else p["D"] // 2) * 2 * 4
+            splits = max(l.grid[2] for l in launches)
+            return 4 * n + p["B"] * splits * table, 4 * n + table, \
+                f"q, k read and written once; the fp32 table read by each of {p['B']} x {splits} batch x head slices"
+        minimum = 4 * n
         return minimum + L * 2 * 4, minimum, "q, k read and written once; fp32 coords"
     L = sum(x * x for x in _pyramid(p["sched"]))
     M, C = p["B"] * L, p["C"]
@@ -604,7 +626,9 @@ def analyse(archs: List[int]) -> Tuple[List[Row], List[dict]]:
                     call = dict(op=op, direction=direction, workload=w.name, backend=backend,
                                 launches=len({(l.kernel) for l in launches}), bytes=moved, min_bytes=minimum,
                                 ratio=moved / minimum, how=how, gates=[])
-                    limit = BYTES_RATIO.get((op, direction, backend), BYTES_RATIO.get((op, direction)))
+                    variant = "table" if w.params.get("table") else None
+                    limit = BYTES_RATIO.get((op, direction, backend),
+                                            BYTES_RATIO.get((op, direction, variant), BYTES_RATIO.get((op, direction))))
                     if limit and moved / minimum > limit + 1e-9:
                         call["gates"].append(f"bytes {moved / minimum:.2f}x the minimum > {limit}")
                     kernel_rows = []
