@@ -33,10 +33,11 @@ fewer live values in the epilogue, which must not start spilling.)
 Backward (``qkv_proj_bwd``): one pass over dq, dk, dv writes the packed dQKV
 (M, 3C) that the two GEMMs dX = dQKV W and dW = dQKV^T x (done by the caller)
 consume. For q/k tiles it recovers the post-norm, pre-rotation vectors from the
-saved outputs (``n = Rot^T q / q_scale``: no GEMM recompute, no saved copies), then
-un-rotates the gradient, goes through the scale and the norm. A table need not be
-a rotation (Infinity's resampled mode-1 tables have cos^2 + sin^2 != 1): there the
-inverse, ``Rot^T / (cos^2 + sin^2)``, recovers the vectors. Per-row-block partial
+saved outputs (``n = Rot^-1 q / q_scale``: no GEMM recompute, no saved copies),
+goes through the norm and the scale and un-rotates the gradient; the rotation
+cancels in the dot products, so only the gradient tile is mapped (``_bwd_kernel``).
+A table need not be a rotation (Infinity's resampled mode-1 tables have cos^2 +
+sin^2 != 1): there ``Rot^-1 = Rot^T / (cos^2 + sin^2)``. Per-row-block partial
 sums of dbias, dq_scale and dfreqs are written to fp32 workspaces and summed by
 the caller in a fixed order (deterministic, no atomics).
 
@@ -100,26 +101,30 @@ def _cos_sin(coords_ptr, c_off, sca, freqs_ptr, f_off, sfa, jj, NUM_AXES: tl.con
              D: tl.constexpr):
     """fp32 cos/sin ([BM, BN/2]) of the tile's pairs, jj their index within the head:
     of angle[m, p] = sum_a coords[m, a] * freqs[p, a], or with NUM_AXES == 0 read
-    from the cos/sin table (token row at c_off, sin plane at + sca). Pairs jj >=
-    ROT/2 (partial rotary) read nothing; the caller passes them through."""
-    if ROT < D:
-        ok = jj < ROT // 2
-        if NUM_AXES == 0:
-            off = c_off[:, None] + jj[None, :]
-            return (tl.load(coords_ptr + off, mask=ok[None, :], other=1.0),
-                    tl.load(coords_ptr + sca + off, mask=ok[None, :], other=0.0))
-        ang = tl.load(coords_ptr + c_off)[:, None] * tl.load(freqs_ptr + f_off, mask=ok, other=0.0)[None, :]
-        for a in tl.static_range(1, NUM_AXES):
-            ang += (tl.load(coords_ptr + c_off + a * sca)[:, None]
-                    * tl.load(freqs_ptr + f_off + a * sfa, mask=ok, other=0.0)[None, :])
+    from the cos/sin table (token row at c_off, sin plane at + sca; f_off unused).
+    Pairs jj >= ROT/2 (partial rotary) read nothing; the caller passes them through."""
+    ok = jj < ROT // 2
+    if NUM_AXES == 0:
+        off = c_off[:, None] + jj[None, :]
+        if ROT < D:
+            cos = tl.load(coords_ptr + off, mask=ok[None, :], other=1.0)
+            sin = tl.load(coords_ptr + sca + off, mask=ok[None, :], other=0.0)
+        else:
+            cos = tl.load(coords_ptr + off)
+            sin = tl.load(coords_ptr + sca + off)
     else:
-        if NUM_AXES == 0:
-            off = c_off[:, None] + jj[None, :]
-            return tl.load(coords_ptr + off), tl.load(coords_ptr + sca + off)
-        ang = tl.load(coords_ptr + c_off)[:, None] * tl.load(freqs_ptr + f_off)[None, :]
-        for a in tl.static_range(1, NUM_AXES):
-            ang += tl.load(coords_ptr + c_off + a * sca)[:, None] * tl.load(freqs_ptr + f_off + a * sfa)[None, :]
-    return tl.cos(ang), tl.sin(ang)
+        if ROT < D:
+            ang = tl.load(coords_ptr + c_off)[:, None] * tl.load(freqs_ptr + f_off, mask=ok, other=0.0)[None, :]
+            for a in tl.static_range(1, NUM_AXES):
+                ang += (tl.load(coords_ptr + c_off + a * sca)[:, None]
+                        * tl.load(freqs_ptr + f_off + a * sfa, mask=ok, other=0.0)[None, :])
+        else:
+            ang = tl.load(coords_ptr + c_off)[:, None] * tl.load(freqs_ptr + f_off)[None, :]
+            for a in tl.static_range(1, NUM_AXES):
+                ang += tl.load(coords_ptr + c_off + a * sca)[:, None] * tl.load(freqs_ptr + f_off + a * sfa)[None, :]
+        cos = tl.cos(ang)
+        sin = tl.sin(ang)
+    return cos, sin
 
 
 @triton.jit
@@ -320,22 +325,38 @@ def _bwd_kernel(dq_ptr, dk_ptr, dv_ptr, q_ptr, k_ptr, rstd_ptr, qs_ptr, coords_p
 
     if section < 2:
         if L2NORM or HAS_QSCALE or ROPE:
-            y_off = ((bidx * H * L + lidx) * D)[:, None] + (head * L * D + dim)[None, :]
-            if section == 0:
-                y = tl.load(q_ptr + y_off, mask=mask, other=0.0).to(tl.float32)
-            else:
-                y = tl.load(k_ptr + y_off, mask=mask, other=0.0).to(tl.float32)
+            # Per head, with u = Rot^-1 out the pre-rotation value (s n: n normalised,
+            # s the q scale; 1 for k) and g_u = Rot^T g its gradient, the maps cancel in
+            # the dot products: g_u . u = g . out. So d q_scale = sum g . out / s, and
+            # the norm's backward rstd (s g_u - n (g . out)) = rstd Rot^T (s g - out
+            # (g . out) / (s |pair|^2)), with |pair|^2 = cos^2 + sin^2 (1 for angles:
+            # Rot^-T Rot^-1 = 1 / |pair|^2): one map of one tile per pair.
             g = _to_pairs(g, BLOCK_M, HEADS, D, HALF, ROT)
-            y = _to_pairs(y, BLOCK_M, HEADS, D, HALF, ROT)
+            if L2NORM or NEED_DSCALE or NEED_DFREQS:  # what needs the saved output
+                y_off = ((bidx * H * L + lidx) * D)[:, None] + (head * L * D + dim)[None, :]
+                if section == 0:
+                    y = tl.load(q_ptr + y_off, mask=mask, other=0.0).to(tl.float32)
+                else:
+                    y = tl.load(k_ptr + y_off, mask=mask, other=0.0).to(tl.float32)
+                y = _to_pairs(y, BLOCK_M, HEADS, D, HALF, ROT)
+            if HAS_QSCALE:
+                s_h = tl.where(section == 0, tl.load(qs_ptr + heads), 1.0)
+                # Where the scale is 0 the output is 0 and so is every gradient through
+                # it: dividing by 1 instead keeps dx and dW exact (d q_scale needs nonzero
+                # scales; ops/qkv_proj.py).
+                s_div = tl.where(s_h == 0.0, 1.0, s_h)
+                if NEED_DSCALE:
+                    if section == 0:
+                        gy = tl.sum(tl.reshape(g * y, (BLOCK_M, HEADS, D)), axis=2) / s_div[None, :]
+                        tl.store(dscale_ptr + pid_m * H + heads, tl.sum(gy, axis=0))
             if ROPE:
                 p = tl.arange(0, P)
                 hp = head0 + p // (D // 2)
                 jp = p % (D // 2)
                 c_off = bidx * scb + lidx * scl
-                cos, sin = _cos_sin(coords_ptr, c_off, sca, freqs_ptr, hp * sfh + jp, sfa, jp, NUM_AXES, ROT, D)
-                g0, g1 = tl.split(tl.reshape(g, (BLOCK_M, P, 2)))
-                y0, y1 = tl.split(tl.reshape(y, (BLOCK_M, P, 2)))
                 if NEED_DFREQS:
+                    g0, g1 = tl.split(tl.reshape(g, (BLOCK_M, P, 2)))
+                    y0, y1 = tl.split(tl.reshape(y, (BLOCK_M, P, 2)))
                     # d out / d angle = (-out1, out0) for the rotated output (out0, out1).
                     dang = g1 * y0 - g0 * y1
                     f_base = ((pid_m * 2 + section) * H + hp) * (NUM_AXES * (ROT // 2)) + jp
@@ -343,38 +364,39 @@ def _bwd_kernel(dq_ptr, dk_ptr, dv_ptr, q_ptr, k_ptr, rstd_ptr, qs_ptr, coords_p
                         ca = tl.load(coords_ptr + c_off + a * sca)
                         tl.store(dfreqs_ptr + f_base + a * (ROT // 2), tl.sum(ca[:, None] * dang, axis=0),
                                  mask=jp < ROT // 2)
-                # The transpose takes the gradient back; the inverse, the output.
-                yr0 = y0 * cos + y1 * sin
-                yr1 = y1 * cos - y0 * sin
-                if NUM_AXES == 0:
-                    # Where cos = sin = 0 the output pair and its gradient are 0: dividing
-                    # by 1 keeps everything exact but the l2 norm's backward, which
-                    # needs the lost pair (ops/qkv_proj.py refuses that case).
-                    mag = cos * cos + sin * sin
-                    mag = tl.where(mag == 0.0, 1.0, mag)
-                    yr0 = yr0 / mag
-                    yr1 = yr1 / mag
+            g3 = tl.reshape(g, (BLOCK_M, HEADS, D))
+            if L2NORM:
+                dot = tl.sum(g3 * tl.reshape(y, (BLOCK_M, HEADS, D)), axis=2)
+                if ROPE:
+                    if NUM_AXES == 0:
+                        cos, sin = _cos_sin(coords_ptr, c_off, sca, freqs_ptr, 0, 0, jp, NUM_AXES, ROT, D)
+                        # Where cos = sin = 0 the output pair and its gradient are 0:
+                        # dividing by 1 keeps the pair's gradient 0, but the norm's needs
+                        # the lost value (ops/qkv_proj.py refuses that case).
+                        mag = cos * cos + sin * sin
+                        inv = 1.0 / tl.where(mag == 0.0, 1.0, mag)
+                        y0, y1 = tl.split(tl.reshape(y, (BLOCK_M, P, 2)))
+                        y = tl.reshape(tl.join(y0 * inv, y1 * inv), (BLOCK_M, BLOCK_N))
+                y3 = tl.reshape(y, (BLOCK_M, HEADS, D))
+                if HAS_QSCALE:
+                    g3 = g3 * s_h[None, :, None] - y3 * (dot / s_div[None, :])[:, :, None]
+                else:
+                    g3 = g3 - y3 * dot[:, :, None]
+                rstd = tl.load(rstd_ptr + (section * M + rmc)[:, None] * H + heads[None, :])
+                g3 = g3 * rstd[:, :, None]
+            elif HAS_QSCALE:
+                g3 = g3 * s_h[None, :, None]
+            g = tl.reshape(g3, (BLOCK_M, BLOCK_N))
+            if ROPE:  # the transpose takes the gradient back through the rotation
+                # cos and sin only now, where y is dead (fewer live registers); a table's
+                # were read above already when the norm needed them.
+                if NUM_AXES != 0:
+                    cos, sin = _cos_sin(coords_ptr, c_off, sca, freqs_ptr, hp * sfh + jp, sfa, jp, NUM_AXES, ROT, D)
+                elif not L2NORM:
+                    cos, sin = _cos_sin(coords_ptr, c_off, sca, freqs_ptr, 0, 0, jp, NUM_AXES, ROT, D)
+                g0, g1 = tl.split(tl.reshape(g, (BLOCK_M, P, 2)))
                 g = tl.reshape(tl.join(_keep_tail(g0 * cos + g1 * sin, g0, jp, ROT, D),
                                        _keep_tail(g1 * cos - g0 * sin, g1, jp, ROT, D)), (BLOCK_M, BLOCK_N))
-                y = tl.reshape(tl.join(_keep_tail(yr0, y0, jp, ROT, D), _keep_tail(yr1, y1, jp, ROT, D)),
-                               (BLOCK_M, BLOCK_N))
-            if HAS_QSCALE:
-                s = tl.where(section == 0, tl.load(qs_ptr + head), 1.0)[None, :]
-                # The value before the scale. Where the scale is 0 the output is 0
-                # and so is every gradient through it: divide by 1 instead of 0, which
-                # keeps dx and dW exact (d q_scale needs nonzero scales; ops/qkv_proj.py).
-                y = y / tl.where(s == 0.0, 1.0, s)
-                if NEED_DSCALE:
-                    if section == 0:
-                        gy = tl.sum(tl.reshape(g * y, (BLOCK_M, HEADS, D)), axis=2)
-                        tl.store(dscale_ptr + pid_m * H + heads, tl.sum(gy, axis=0))
-                g = g * s
-            if L2NORM:
-                rstd = tl.load(rstd_ptr + (section * M + rmc)[:, None] * H + heads[None, :])
-                g3 = tl.reshape(g, (BLOCK_M, HEADS, D))
-                n3 = tl.reshape(y, (BLOCK_M, HEADS, D))
-                dot = tl.sum(g3 * n3, axis=2)
-                g = tl.reshape((g3 - n3 * dot[:, :, None]) * rstd[:, :, None], (BLOCK_M, BLOCK_N))
             g = _from_pairs(g, BLOCK_M, HEADS, D, HALF, ROT)
 
     if NEED_DBIAS:
