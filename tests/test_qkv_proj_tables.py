@@ -232,6 +232,30 @@ def test_traced_as_the_custom_op(backend):
         assert torch.equal(a, b)
 
 
+def test_torch_compile_fullgraph_with_tables(backend):
+    """No graph break (the tables are packed by traceable ops), and gradients equal
+    the eager ones."""
+    if backend.name == "reference":
+        pytest.skip("the reference is plain autograd")
+    g = torch.Generator().manual_seed(7)
+    dev = backend.device
+    x = torch.randn(2, 5, 64, generator=g).to(dev).requires_grad_()
+    w = (torch.randn(192, 64, generator=g) / 8).to(dev).requires_grad_()
+    s = torch.tensor([1.5, 3.0]).to(dev).requires_grad_()
+    cos, sin = _tables((5, 8), f32, g, dev)
+
+    def f(x, w, s):
+        q, k, v = pf.qkv_proj(x, w, num_heads=2, qk_l2norm=True, q_scale=s, cos=cos, sin=sin, rotary_dim=16,
+                              backend=backend.name)
+        return (q * 1.5 + k - v).sum()
+
+    got = torch.compile(f, fullgraph=True, backend="aot_eager")(x, w, s)
+    want = f(x, w, s)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for a, b in zip(torch.autograd.grad(got, (x, w, s)), torch.autograd.grad(want, (x, w, s))):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 # ------------------------------------------------------------------ errors
 
 def _ok(device=DEVICE):
