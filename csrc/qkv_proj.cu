@@ -7,7 +7,8 @@
 // The head's squared norm is a butterfly sum over its lanes (every lane ends with
 // the bit-identical value), so bias + norm + q_scale + rotation happen in registers
 // and the head is stored straight into its (B, H, L, D) output: one read of qkv, one
-// write of q, k, v.
+// write of q, k, v. A table-defined rotation reads the token's cos/sin row instead
+// of computing angles; with partial rotary only the first rot_pairs pairs rotate.
 // Backward: one block per (chunk of tokens, head of q | k | v); each warp walks
 // rows of the chunk, un-rotates the gradient, goes through q_scale and the norm
 // using the post-norm vector recovered from the saved outputs, writes the packed
@@ -74,9 +75,15 @@ __device__ __forceinline__ void store_pair(T* row, int d0, int d1, bool vec, flo
   }
 }
 
-__device__ __forceinline__ void pair_dims(int p, int D, bool half, int& d0, int& d1) {
-  d0 = half ? p : 2 * p;
-  d1 = half ? p + D / 2 : 2 * p + 1;
+// Dims of pair p of a head of 2P dims whose first R pairs rotate: interleaved (2p,
+// 2p + 1); half (p, p + R) for p < R, and the pass-through dims [2R, 2P) as
+// (p + R, p + P) for p >= R (qkv_proj.h).
+__device__ __forceinline__ int half_first(int p, int R) { return p < R ? p : p + R; }
+__device__ __forceinline__ int half_second(int p, int P, int R) { return p < R ? p + R : p + P; }
+
+__device__ __forceinline__ void pair_dims(int p, int P, int R, bool half, int& d0, int& d1) {
+  d0 = half ? half_first(p, R) : 2 * p;
+  d1 = half ? half_second(p, P, R) : 2 * p + 1;
 }
 
 // (x0, x1) -> (x0 cos - x1 sin, x0 sin + x1 cos); with -sin, the conjugate rotation.
@@ -126,13 +133,14 @@ __device__ __forceinline__ void store_run(T* p, const float (&in)[N]) {
   }
 }
 
-// Pairs j0 .. j0 + VP - 1 of a head row of 2P elements: interleaved, one run of
-// 2 VP elements; half, runs of VP elements at j0 and j0 + P.
+// Pairs j0 .. j0 + VP - 1 of a head row of 2P elements whose first R pairs rotate:
+// interleaved, one run of 2 VP elements; half, runs of VP elements at the pairs'
+// first and second dims (pair_dims; the VP pairs lie on one side of R).
 template <typename T, int VP, bool HALF, bool VEC>
-__device__ __forceinline__ void load_pairs(const T* row, int j0, int P, float (&x0)[VP], float (&x1)[VP]) {
+__device__ __forceinline__ void load_pairs(const T* row, int j0, int P, int R, float (&x0)[VP], float (&x1)[VP]) {
   if constexpr (HALF) {
-    load_run<T, VP, VEC>(row + j0, x0);
-    load_run<T, VP, VEC>(row + j0 + P, x1);
+    load_run<T, VP, VEC>(row + half_first(j0, R), x0);
+    load_run<T, VP, VEC>(row + half_second(j0, P, R), x1);
   } else {
     float e[2 * VP];
     load_run<T, 2 * VP, VEC>(row + 2 * j0, e);
@@ -145,10 +153,11 @@ __device__ __forceinline__ void load_pairs(const T* row, int j0, int P, float (&
 }
 
 template <typename T, int VP, bool HALF, bool VEC>
-__device__ __forceinline__ void store_pairs(T* row, int j0, int P, const float (&x0)[VP], const float (&x1)[VP]) {
+__device__ __forceinline__ void store_pairs(T* row, int j0, int P, int R, const float (&x0)[VP],
+                                            const float (&x1)[VP]) {
   if constexpr (HALF) {
-    store_run<T, VP, VEC>(row + j0, x0);
-    store_run<T, VP, VEC>(row + j0 + P, x1);
+    store_run<T, VP, VEC>(row + half_first(j0, R), x0);
+    store_run<T, VP, VEC>(row + half_second(j0, P, R), x1);
   } else {
     float e[2 * VP];
 #pragma unroll
@@ -177,9 +186,12 @@ struct FwdLayout {
 // One block per token m = (b, l); its threads walk the 3H heads of q | k | v (several
 // heads per warp with HD) in block-sized passes, so the token's rope angles are
 // computed once, into shared memory, and read by every head (with per-head freqs
-// each lane computes its own). Accesses are 16-byte vectors with HD and VEC. ROPE is
-// a template flag so the rope-free kernel carries none of sincosf's code and
-// registers; without rope the pairing does not matter (HALF is false).
+// each lane computes its own; a table's row is read into the same shared arrays).
+// Accesses are 16-byte vectors with HD and VEC. ROPE is a template flag so the
+// rope-free kernel carries none of sincosf's code and registers; without rope the
+// pairing does not matter (HALF is false). Pairs j >= R (partial rotary) are not
+// rotated; with HD and HALF, R is a multiple of VP (a lane's run of pairs lies on
+// one side of R: launch_fwd).
 template <typename T, int HD, int PPL, bool ROPE, bool HALF, bool VEC>
 __global__ void __launch_bounds__(kFwdMaxThreads)
 qkv_fwd_kernel(const QkvProjFwdArgs a) {
@@ -190,9 +202,10 @@ qkv_fwd_kernel(const QkvProjFwdArgs a) {
   __shared__ float sin_s[kMaxPairs];
 
   const int H = static_cast<int>(a.H), L = static_cast<int>(a.L);
-  const int D = HD ? HD : static_cast<int>(a.D), P = D / 2;
+  const int D = HD ? HD : static_cast<int>(a.D), P = D / 2, R = ROPE ? a.rope.rot_pairs : P;
   const int m = blockIdx.x, b = m / L, l = m % L, g = threadIdx.x % G;
   const bool per_head = a.rope.freqs_stride[0] != 0;
+  const bool table = a.rope.num_axes == 0;
   const float* coord = ROPE ? a.rope.coords + b * a.rope.coords_stride[0] + l * a.rope.coords_stride[1] : nullptr;
 
   float cs[K][VP], sn[K][VP];
@@ -204,7 +217,7 @@ qkv_fwd_kernel(const QkvProjFwdArgs a) {
     for (int e = 0; e < K * VP; ++e) {
       const int i = e / VP, v = e % VP, j = (g + G * i) * VP + v;
       float s = 0.f, c = 1.f;
-      if (HD || j < P) sincosf(rope_angle(coord, f + j, a.rope), &s, &c);
+      if ((HD || j < P) && j < R) sincosf(rope_angle(coord, f + j, a.rope), &s, &c);
 #pragma unroll
       for (int u = 0; u < K * VP; ++u)
         if (u == e) {
@@ -214,9 +227,14 @@ qkv_fwd_kernel(const QkvProjFwdArgs a) {
     }
   };
   if (ROPE && !per_head) {  // block-uniform: every thread reaches the barrier
-    for (int j = threadIdx.x; j < P; j += blockDim.x) {
+    for (int j = threadIdx.x; j < R; j += blockDim.x) {
       float s, c;
-      sincosf(rope_angle(coord, a.rope.freqs + j, a.rope), &s, &c);
+      if (table) {
+        c = coord[j];
+        s = coord[a.rope.coords_stride[2] + j];
+      } else {
+        sincosf(rope_angle(coord, a.rope.freqs + j, a.rope), &s, &c);
+      }
       cos_s[j] = c;
       sin_s[j] = s;
     }
@@ -226,7 +244,7 @@ qkv_fwd_kernel(const QkvProjFwdArgs a) {
 #pragma unroll
       for (int v = 0; v < VP; ++v) {
         const int j = (g + G * i) * VP + v;
-        if (HD || j < P) {
+        if ((HD || j < P) && j < R) {
           cs[i][v] = cos_s[j];
           sn[i][v] = sin_s[j];
         }
@@ -252,10 +270,10 @@ qkv_fwd_kernel(const QkvProjFwdArgs a) {
 #pragma unroll
       for (int v = 0; v < VP; ++v) x0[i][v] = x1[i][v] = 0.f;
       if (live && (HD || j0 < P)) {
-        load_pairs<T, VP, HALF, VEC>(src_row + sh * D, j0, P, x0[i], x1[i]);
+        load_pairs<T, VP, HALF, VEC>(src_row + sh * D, j0, P, R, x0[i], x1[i]);
         if (bias) {
           float b0[VP], b1[VP];
-          load_pairs<T, VP, HALF, VEC>(bias + sh * D, j0, P, b0, b1);
+          load_pairs<T, VP, HALF, VEC>(bias + sh * D, j0, P, R, b0, b1);
 #pragma unroll
           for (int v = 0; v < VP; ++v) {
             x0[i][v] += b0[v];
@@ -300,8 +318,10 @@ qkv_fwd_kernel(const QkvProjFwdArgs a) {
 #pragma unroll
       for (int i = 0; i < K; ++i)
 #pragma unroll
-        for (int v = 0; v < VP; ++v)
-          if (HD || (g + G * i) * VP + v < P) rotate_pair(x0[i][v], x1[i][v], cs[i][v], sn[i][v]);
+        for (int v = 0; v < VP; ++v) {
+          const int j = (g + G * i) * VP + v;
+          if ((HD || j < P) && j < R) rotate_pair(x0[i][v], x1[i][v], cs[i][v], sn[i][v]);
+        }
     }
     if (live) {
       const int64_t hs = s == 0 ? a.q_stride[1] : (s == 1 ? a.k_stride[1] : a.v_stride[1]);
@@ -309,7 +329,7 @@ qkv_fwd_kernel(const QkvProjFwdArgs a) {
 #pragma unroll
       for (int i = 0; i < K; ++i) {
         const int j0 = (g + G * i) * VP;
-        if (HD || j0 < P) store_pairs<T, VP, HALF, VEC>(dst, j0, P, x0[i], x1[i]);
+        if (HD || j0 < P) store_pairs<T, VP, HALF, VEC>(dst, j0, P, R, x0[i], x1[i]);
       }
     }
   }
@@ -331,6 +351,8 @@ qkv_bwd_kernel(const QkvProjBwdArgs a, bool vec) {
   const bool half = a.rope.half_pairing;
   const bool qk = s < 2;
   const bool rope = qk && a.rope.coords;
+  const bool table = A == 0;
+  const int R = a.rope.coords ? a.rope.rot_pairs : P;  // rotating pairs
   const bool scaled = a.q_scale && s == 0;
   const bool norm = qk && a.rstd;
   const bool use_y = rope || scaled || norm;
@@ -363,7 +385,7 @@ qkv_bwd_kernel(const QkvProjBwdArgs a, bool vec) {
       g0[i] = g1[i] = y0[i] = y1[i] = 0.f;
       if (p < P) {
         int d0, d1;
-        pair_dims(p, D, half, d0, d1);
+        pair_dims(p, P, R, half, d0, d1);
         g0[i] = to_float<T>(grow[d0 * gs[3]]);
         g1[i] = to_float<T>(grow[d1 * gs[3]]);
         if (use_y) load_pair(yrow, d0, d1, vec, y0[i], y1[i]);
@@ -374,9 +396,14 @@ qkv_bwd_kernel(const QkvProjBwdArgs a, bool vec) {
 #pragma unroll
       for (int i = 0; i < PPL; ++i) {
         const int p = lane + i * kWarp;
-        if (p < P) {
+        if (p < R) {
           float sn, cs;
-          sincosf(rope_angle(c, f + p, a.rope), &sn, &cs);
+          if (table) {
+            cs = c[p];
+            sn = c[a.rope.coords_stride[2] + p];
+          } else {
+            sincosf(rope_angle(c, f + p, a.rope), &sn, &cs);
+          }
           if (want_dfreqs) {
             // d out / d angle = (-out1, out0) for the rotated output (out0, out1).
             const float dang = g1[i] * y0[i] - g0[i] * y1[i];
@@ -384,9 +411,19 @@ qkv_bwd_kernel(const QkvProjBwdArgs a, bool vec) {
             for (int ax = 0; ax < kMaxAxes; ++ax)  // constant indices keep acc_f in registers
               if (ax < A) acc_f[i][ax] += c[ax * a.rope.coords_stride[2]] * dang;
           }
-          // The conjugate rotation takes the gradient and the output back.
+          // The transpose takes the gradient back, the inverse the output: the
+          // conjugate rotation, over cos^2 + sin^2 for a table (which need not be a
+          // rotation). Where cos = sin = 0 the output pair and its gradient are 0:
+          // dividing by 1 keeps everything exact but the l2 norm's backward, which
+          // needs the lost pair (posenc_fast/ops/qkv_proj.py refuses that case).
           rotate_pair(g0[i], g1[i], cs, -sn);
           rotate_pair(y0[i], y1[i], cs, -sn);
+          if (table) {
+            const float mag = cs * cs + sn * sn;
+            const float inv = mag == 0.f ? 1.f : 1.f / mag;
+            y0[i] *= inv;
+            y1[i] *= inv;
+          }
         }
       }
     }
@@ -422,7 +459,7 @@ qkv_bwd_kernel(const QkvProjBwdArgs a, bool vec) {
       const int p = lane + i * kWarp;
       if (p < P) {
         int d0, d1;
-        pair_dims(p, D, half, d0, d1);
+        pair_dims(p, P, R, half, d0, d1);
         store_pair(drow, d0, d1, vec, g0[i], g1[i]);
         acc_b0[i] += g0[i];
         acc_b1[i] += g1[i];
@@ -436,12 +473,12 @@ qkv_bwd_kernel(const QkvProjBwdArgs a, bool vec) {
     const int p = lane + i * kWarp;
     if (p < P) {
       int d0, d1;
-      pair_dims(p, D, half, d0, d1);
+      pair_dims(p, P, R, half, d0, d1);
       red_bias[w][d0] = acc_b0[i];
       red_bias[w][d1] = acc_b1[i];
 #pragma unroll
       for (int ax = 0; ax < kMaxAxes; ++ax)
-        if (ax < A) red_freqs[w][ax * P + p] = acc_f[i][ax];
+        if (ax < A && p < R) red_freqs[w][ax * R + p] = acc_f[i][ax];
     }
   }
   const float lane_sum = lane_group_sum<kWarp>(acc_s);
@@ -455,8 +492,8 @@ qkv_bwd_kernel(const QkvProjBwdArgs a, bool vec) {
     }
   }
   if (want_dfreqs) {
-    float* out = a.dfreqs_part + ((chunk * 2 + s) * H + h) * A * P;
-    for (int t = threadIdx.x; t < A * P; t += blockDim.x) {
+    float* out = a.dfreqs_part + ((chunk * 2 + s) * H + h) * A * R;
+    for (int t = threadIdx.x; t < A * R; t += blockDim.x) {
       float v = 0.f;
       for (int j = 0; j < kBwdWarps; ++j) v += red_freqs[j][t];
       out[t] = v;
@@ -475,8 +512,12 @@ void check_common(int64_t B, int64_t L, int64_t H, int64_t D, const QkvRopeArgs&
   POSENC_CHECK_ARG(B >= 0 && L >= 0 && H >= 1, std::string(fn) + ": needs B, L >= 0 and H >= 1");
   POSENC_CHECK_ARG(D >= 2 && D % 2 == 0 && D <= 2 * kMaxPairs,
                    std::string(fn) + ": head_dim must be even and <= 256, got " + std::to_string(D));
-  POSENC_CHECK_ARG(!r.coords || (r.freqs && r.num_axes >= 1 && r.num_axes <= kMaxAxes),
-                   std::string(fn) + ": rope needs freqs and 1 to 4 axes");
+  POSENC_CHECK_ARG(!r.coords || (r.num_axes >= 0 && r.num_axes <= kMaxAxes && (r.num_axes == 0 || r.freqs)),
+                   std::string(fn) + ": rope needs freqs and 1 to 4 axes (or 0 axes: a cos/sin table)");
+  POSENC_CHECK_ARG(!r.coords || (r.rot_pairs >= 1 && r.rot_pairs <= D / 2),
+                   std::string(fn) + ": rot_pairs must be in [1, head_dim / 2], got " + std::to_string(r.rot_pairs));
+  POSENC_CHECK_ARG(!r.coords || r.num_axes > 0 || r.freqs_stride[0] == 0,
+                   std::string(fn) + ": a cos/sin table has no per-head freqs");
 }
 
 // Calls f(std::integral_constant<int, PPL>{}) with PPL = pairs per lane.
@@ -537,7 +578,10 @@ void qkv_proj_fwd(const QkvProjFwdArgs& a, int device, cudaStream_t stream) {
       else if (a.rope.half_pairing) launch(std::true_type{}, std::true_type{});
       else launch(std::true_type{}, std::false_type{});
     };
-    if (a.D == 64 || a.D == 128) {
+    // With half pairing a lane's kVec pairs are two runs, which must not straddle the
+    // rotating pairs' end (partial rotary): else the generic layout, a pair per lane.
+    const bool runs_fit = !a.rope.coords || !a.rope.half_pairing || a.rope.rot_pairs % kVec == 0;
+    if ((a.D == 64 || a.D == 128) && runs_fit) {
       // A 16-byte chunk per lane: kVec / 2 interleaved pairs, or kVec half pairs in two.
       const auto with_hd = [&](auto hd) {
         with_pairing([&](auto rope, auto half) {
@@ -568,6 +612,8 @@ void qkv_proj_bwd(const QkvProjBwdArgs& a, int device, cudaStream_t stream) {
   POSENC_CHECK_ARG(a.dq && a.dk && a.dv && a.dqkv, "qkv_proj_bwd: dq, dk, dv and dqkv must be non-null");
   POSENC_CHECK_ARG(!(a.rstd || a.q_scale || a.rope.coords) || (a.q && a.k),
                    "qkv_proj_bwd: the forward outputs q and k are needed with l2 norm, q_scale or rope");
+  POSENC_CHECK_ARG(!a.rope.coords || a.rope.num_axes > 0 || !a.dfreqs_part,
+                   "qkv_proj_bwd: a cos/sin table has no d freqs");
   const int64_t chunks = (M + kBwdRowsPerChunk - 1) / kBwdRowsPerChunk;
   POSENC_CHECK_ARG(3 * a.H <= 65535, "qkv_proj_bwd: 3 * num_heads must be <= 65535");
   set_device(device);

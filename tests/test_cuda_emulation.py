@@ -609,6 +609,59 @@ def test_qkv_proj(emu_qkv, case):
 
 
 
+# id: B, L, H, D, dtype, table (else angles), table batch, half pairing, rotary_dim, forward variant
+QKV_TABLE_CASES = {
+    "Infinity-mode1-table": (2, 5, 2, 128, f32, True, False, False, None,
+                             "HD = 128; int PPL = 2; bool ROPE = true; bool HALF = false; bool VEC = true"),
+    # 16 of 32 pairs rotate; runs of 8 half pairs stay on one side of 16: 16-byte accesses
+    "partial-half-bf16-vec": (1, 6, 3, 64, bf16, True, True, True, 32,
+                              "HD = 64; int PPL = 8; bool ROPE = true; bool HALF = true; bool VEC = true"),
+    # 10 rotating pairs, runs of 4: the generic layout, a pair per lane
+    "partial-half-fp32-generic": (2, 3, 2, 64, f32, False, False, True, 20,
+                                  "HD = 0; int PPL = 1; bool ROPE = true; bool HALF = true; bool VEC = false"),
+    "partial-interleaved-fp16-D24": (3, 4, 2, 24, f16, True, True, False, 12,
+                                     "HD = 0; int PPL = 1; bool ROPE = true; bool HALF = false; bool VEC = true"),
+}
+
+
+@pytest.mark.parametrize("case", list(QKV_TABLE_CASES))
+def test_qkv_proj_table_and_partial_rotary(emu_qkv, case):
+    """Table-defined rotation (0 axes: the kernels read cos/sin rows) and partial
+    rotary (only the first rot_pairs pairs rotate), forward and backward."""
+    B, L, H, D, dtype, table, batch_table, half, r, fwd_variant = QKV_TABLE_CASES[case]
+    torch.manual_seed(len(case))
+    C, R = H * D, r or D
+    x = torch.randn(B, L, C, dtype=dtype).requires_grad_()
+    w = (torch.randn(3 * C, C) / C ** 0.5).to(dtype).requires_grad_()
+    b = (torch.randn(3 * C) * 0.5).to(dtype).requires_grad_()
+    q_scale = (torch.rand(H) + 0.5).requires_grad_()
+    if table:
+        ang = torch.randn((B, L, R // 2) if batch_table else (L, R // 2)) * 4
+        rot = dict(cos=ang.cos() * 0.9, sin=ang.sin() * 1.1)  # resampled tables are not rotations
+    else:
+        rot = dict(coords=torch.randn(L, 2) * 5, freqs=torch.rand(2, R // 2).requires_grad_())
+    c, f = Q._kernel_rotation(x, rot.get("coords"), rot.get("freqs"), rot.get("cos"), rot.get("sin"))
+    q, k, v, _ = Q._fwd_op(x, w, b, q_scale, c, f, H, True, half, "cuda")
+    _ran(emu_qkv, f"qkv_fwd_kernel(posenc::QkvProjFwdArgs) [with T = {_CTYPE[dtype]}; int {fwd_variant}]")
+    pairing = "half" if half else "interleaved"
+    exp = qkv_ref.qkv_proj(x, w, b, num_heads=H, qk_l2norm=True, q_scale=q_scale, pairing=pairing, rotary_dim=r,
+                           **rot)
+    for name, a, e in zip("qkv", (q, k, v), exp):
+        _close(a, e, 2 * FWD_TOL[dtype], name)
+    grads = [torch.randn_like(t) for t in (q, k, v)]
+    leaves = [x, w, b, q_scale] + ([rot["freqs"]] if "freqs" in rot else [])
+    got = torch.autograd.grad((q, k, v), leaves, grads)
+    _ran(emu_qkv, "qkv_bwd_kernel")
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    rrot = {n: (t.double() if n != "freqs" else ref_leaves[-1]) for n, t in rot.items()}
+    r_out = qkv_ref.qkv_proj(*ref_leaves[:3], num_heads=H, qk_l2norm=True, q_scale=ref_leaves[3], pairing=pairing,
+                             rotary_dim=r, **rrot)
+    exp_grads = torch.autograd.grad(r_out, ref_leaves, [g.double() for g in grads])
+    gtol = {f32: 1e-4, f16: 1e-2, bf16: 6e-2}[dtype]
+    for name, a, e in zip(("dx", "dw", "dbias", "dq_scale", "dfreqs"), got, exp_grads):
+        _close(a, e, gtol, name)
+
+
 # id: B, L (this scale's tokens), cache_start, L_max, H, D, dtype, rope, cache layout
 #     ("BHLD": contiguous; "BLHD": a (B, L_max, H, D) buffer seen as (B, H, L_max, D);
 #     "padded": head rows of D + 1 elements, odd strides, so the scalar path runs), forward variant

@@ -477,6 +477,9 @@ def test_auto_skips_a_backend_that_cannot_take_the_shape(monkeypatch):
     monkeypatch.setitem(_backends._AUTO_ORDER, "qkv_proj", ("triton", "cuda", "reference"))
     assert _backends.resolve_backend("qkv_proj", "auto", cuda, _backend_limits(96, None)) == "cuda"
     assert _backends.resolve_backend("qkv_proj", "auto", cuda, _backend_limits(64, None)) == "triton"
+    # half pairing reorders Triton's accumulator in blocks of rotary_dim columns: powers of two only
+    assert _backends.resolve_backend("qkv_proj", "auto", cuda, _backend_limits(64, None, 48, True)) == "cuda"
+    assert _backends.resolve_backend("qkv_proj", "auto", cuda, _backend_limits(64, None, 48, False)) == "triton"
     # Neither kernel takes D = 258 (over both limits); the reference runs it.
     assert _backends.resolve_backend("qkv_proj", "auto", cuda, _backend_limits(258, None)) == "reference"
     five_axes = torch.zeros(4, 5)
@@ -515,13 +518,19 @@ def test_cuda_backend_unavailable_raises_with_reason():
 def test_cuda_extension_exposes_kernels_and_checks_arguments():
     lib = cuda_library()
     assert lib.qkv_proj_bwd_rows_per_chunk() > 0
-    rope = ([0, 0, 0], 0, [0, 0], 0, False)
+    rope = ([0, 0, 0], 0, [0, 0], 0, 0, False)  # coords strides, freqs, its strides, axes, rot_pairs, half
     s = [8, 8, 8]  # output strides (b, h, l)
     # Argument errors from the C++ core arrive as ValueError before any CUDA call.
     with pytest.raises(ValueError, match="head_dim must be even"):
         lib.qkv_proj_fwd(0, 0, 0, 0, 0, 0, *rope, 0, s, 0, s, 0, s, 0, 1, 1, 1, 3, 0, 0)
     with pytest.raises(ValueError, match="1 to 4 axes"):
-        lib.qkv_proj_fwd(8, 24, 0, 0, 0, 8, [0, 1, 1], 8, [0, 2], 5, False, 8, s, 8, s, 8, s, 0, 1, 1, 1, 8, 0,
+        lib.qkv_proj_fwd(8, 24, 0, 0, 0, 8, [0, 1, 1], 8, [0, 2], 5, 4, False, 8, s, 8, s, 8, s, 0, 1, 1, 1, 8, 0,
+                         0)
+    with pytest.raises(ValueError, match=r"rot_pairs must be in \[1, head_dim / 2\], got 5"):
+        lib.qkv_proj_fwd(8, 24, 0, 0, 0, 8, [0, 1, 1], 8, [0, 2], 2, 5, False, 8, s, 8, s, 8, s, 0, 1, 1, 1, 8, 0,
+                         0)
+    with pytest.raises(ValueError, match="a cos/sin table has no per-head freqs"):
+        lib.qkv_proj_fwd(8, 24, 0, 0, 0, 8, [0, 4, 16], 0, [4, 0], 0, 4, False, 8, s, 8, s, 8, s, 0, 1, 1, 1, 8, 0,
                          0)
     with pytest.raises(ValueError, match="dq_stride needs 4"):
         lib.qkv_proj_bwd(8, [1], 8, [1, 1, 1, 1], 8, [1, 1, 1, 1], 0, 0, 0, 0, 0, 0, *rope, 8, 0, 0, 0,

@@ -152,7 +152,8 @@ def _drive_ops() -> None:
                 q, k = rand(2, 3, L, D, dtype=dtype), rand(2, 3, L, D, dtype=dtype)
                 backward(*pf.apply_rope(q, k, cos=ang.cos(), sin=ang.sin(), pairing=pairing, backend="triton"))
     # qkv_proj: VAR (l2 norm, q_scale, q/v bias), Infinity (l2 norm + rope), rope
-    # without norm, half pairing, per-head freqs, no bias; fp32 with and without TF32.
+    # without norm, half pairing, per-head freqs, no bias, cos/sin tables and partial
+    # rotary (angles and tables); fp32 with and without TF32.
     H = 2
     tf32_before = torch.backends.cuda.matmul.allow_tf32
     for dtype in dtypes:
@@ -160,12 +161,17 @@ def _drive_ops() -> None:
             C = H * D
             coords = pf.pyramid_coords(patch_nums, mode="round")
             freqs = pf.axial_rope_freqs(D)
+            ang = coords @ freqs
             configs = [
                 dict(qk_l2norm=True, q_scale=rand(H, grad=False).exp().requires_grad_()),
                 dict(qk_l2norm=True, q_scale=rand(H, grad=False).exp().requires_grad_(), coords=coords, freqs=freqs),
                 dict(coords=coords, freqs=freqs, pairing="half"),
                 dict(coords=coords, freqs=freqs.expand(H, -1, -1).clone().requires_grad_()),
                 dict(),
+                dict(qk_l2norm=True, q_scale=rand(H, grad=False).exp(), cos=ang.cos(), sin=ang.sin()),
+                dict(qk_l2norm=True, cos=ang[:, :D // 4].cos(), sin=ang[:, :D // 4].sin(), rotary_dim=D // 2,
+                     pairing="half"),
+                dict(coords=coords, freqs=freqs[:, :D // 4].clone().requires_grad_(), rotary_dim=D // 2),
             ]
             for i, kw in enumerate(configs):
                 for tf32 in ((False, True) if dtype == torch.float32 else (False,)):
@@ -178,6 +184,8 @@ def _drive_ops() -> None:
                 kc, vc = (torch.empty(2, H, L + 3, D, dtype=dtype) for _ in range(2))
                 x, w = rand(2, 5, C, dtype=dtype, grad=False), rand(3 * C, C, dtype=dtype, grad=False)
                 pf.qkv_proj(x, w, None, num_heads=H, qk_l2norm=True, coords=coords[2:7], freqs=freqs,
+                            kv_cache=(kc, vc), cache_start=2, backend="triton")
+                pf.qkv_proj(x, w, None, num_heads=H, qk_l2norm=True, cos=ang[2:7].cos(), sin=ang[2:7].sin(),
                             kv_cache=(kc, vc), cache_start=2, backend="triton")
     torch.backends.cuda.matmul.allow_tf32 = tf32_before
 

@@ -8,18 +8,20 @@ scale_ind=0)`` and behaviour:
 
 * q, k, v come from one ``qkv_proj`` (the QKV GEMM, q/v bias and zero k bias, with
   cosine attention the q/k L2 norm and the clamped ``exp(scale_mul_1H11)`` on q --
-  both the (1, H, 1, 1) and the flash-attention (1, 1, H, 1) layouts -- and the head
-  layout), instead of Infinity's linear + view + permute + normalize + mul chain;
+  both the (1, H, 1, 1) and the flash-attention (1, 1, H, 1) layouts -- the 2D RoPE
+  and the head layout), instead of Infinity's linear + view + permute + normalize +
+  mul chain and its separate rotation;
 * the 2D RoPE uses the module's own ``rope2d_freqs_grid`` cos/sin tables exactly as
   Infinity does (rows ``[start, start + L)`` of the schedule's table, the pairs of
   dims (2j, 2j + 1), fp32 with autocast off), so all three ``rope2d_normalized_by_hw``
-  modes work, mode 1's interpolated tables included: ``apply_rope`` with ``cos``/``sin``
-  tables, q and k in one launch. A customised-flash build keeps Infinity's own eager rotation, whose
-  (B, L, H, D) layout makes it index the table by head;
+  modes work, mode 1's interpolated tables included: the tables go to ``qkv_proj``
+  (``cos``/``sin``), whose epilogue rotates q and k after the norm, in the same
+  kernel. A customised-flash build keeps Infinity's own eager rotation after the
+  projection, whose (B, L, H, D) layout makes it index the table by head;
 * sampling (``kv_caching(True)``): with SDPA, k and v are appended by ``qkv_proj``
-  into one (B, H, L, D) buffer pair per run (L: the schedule's tokens) and the new
-  k rows rotated in place there, so no ``torch.cat`` re-copies the cache at each
-  scale; ``cached_k`` / ``cached_v`` are views of the rows so far, and
+  into one (B, H, L, D) buffer pair per run (L: the schedule's tokens), k already
+  rotated, so no ``torch.cat`` re-copies the cache at each scale and no second
+  launch touches it; ``cached_k`` / ``cached_v`` are views of the rows so far, and
   ``kv_caching(False)`` frees the buffers (a customised-flash build keeps Infinity's
   cat);
 * the block-wise mask (an additive bias for SDPA, or the module's own
@@ -42,7 +44,6 @@ import torch.nn.functional as F
 from .. import _backends
 from ..nn.attention import _PARAMS_CACHE, KV_CACHE, KV_LEN, _kv_buffers, _projection_params, reset_kv_cache
 from ..ops.qkv_proj import qkv_proj
-from ..ops.rope import apply_rope, apply_rope_
 
 _STATE = "_posenc_fast_infinity_patch"  # on the patched root: [(attention module, {method: previous})]
 _METHODS = ("forward", "kv_caching")
@@ -100,9 +101,19 @@ def _forward(self, x: torch.Tensor, attn_bias_or_two_vector, attn_fn=None, scale
     H = self.num_heads
     q_scale, bias = _projection_params(self, bool(self.cos_attn))
     backend = self.__dict__[_BACKEND]
-    # Sampling with the SDPA layout: k and v go straight into one (B, H, L_max, D)
-    # buffer pair per run (qkv_proj's KV-cache append; L_max = the schedule's tokens)
-    # and this scale's k rows are rotated in place there: no cat re-copying the cache.
+    cos = sin = table = None
+    start = 0
+    if rope2d_freqs_grid is not None:
+        key = str(tuple(scale_schedule))
+        table = rope2d_freqs_grid[key].to(x.device)
+        rope2d_freqs_grid[key] = table  # Infinity moves the cached table to the device the same way
+        if scale_ind >= 1:
+            start = int(sum(t * h * w for t, h, w in scale_schedule[:scale_ind]))
+        if not self.using_flash:  # rotated by qkv_proj's epilogue, after the norm
+            cos, sin = _table_rows(table, start, L)
+    # Sampling with the SDPA layout: k (rotated) and v go straight into one
+    # (B, H, L_max, D) buffer pair per run (qkv_proj's KV-cache append; L_max = the
+    # schedule's tokens): no cat re-copying the cache.
     append = self.caching and not self.using_flash and scale_schedule is not None
     kv, cache_start = None, 0
     if append:
@@ -110,24 +121,11 @@ def _forward(self, x: torch.Tensor, attn_bias_or_two_vector, attn_fn=None, scale
         self.__dict__[KV_LEN] = int(sum(t * h * w for t, h, w in scale_schedule))
         kv = _kv_buffers(self, x, cache_start)
     q, k, v = qkv_proj(x, self.mat_qkv.weight, bias, num_heads=H, qk_l2norm=bool(self.cos_attn), q_scale=q_scale,
-                       kv_cache=kv, cache_start=cache_start, backend=backend)  # (B, H, *, D)
+                       cos=cos, sin=sin, kv_cache=kv, cache_start=cache_start, backend=backend)  # (B, H, *, D)
     if self.using_flash:  # Infinity's flash layout: (B, L, H, D), sequence dim 1
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    if rope2d_freqs_grid is not None:
-        key = str(tuple(scale_schedule))
-        table = rope2d_freqs_grid[key].to(q.device)
-        rope2d_freqs_grid[key] = table  # Infinity moves the cached table to the device the same way
-        start = 0
-        if scale_ind >= 1:
-            start = int(sum(t * h * w for t, h, w in scale_schedule[:scale_ind]))
-        if self.using_flash:
+        if table is not None:
             q, k = _rotate_flash_layout(q, k, table, start)
-        elif append:
-            cos, sin = _table_rows(table, start, L)
-            apply_rope_(q, k[:, :, cache_start:], cos=cos, sin=sin, backend=backend)  # q and the new k rows
-        else:
-            cos, sin = _table_rows(table, start, L)
-            q, k = apply_rope(q, k, cos=cos, sin=sin, backend=backend)
     if append:
         self.cached_k, self.cached_v = k, v
     elif self.caching:

@@ -6,9 +6,13 @@
 //   u = qkv[m, s*C + h*D + :] + bias[s*C + h*D + :]
 //   q/k: if l2norm  u *= rstd = 1 / max(||u||_2, 1e-12)   (rstd saved for backward)
 //        q only:    u *= q_scale[h]                        (if q_scale)
-//        if rope    pair j rotated by angle = sum_a coords[b, l, a] * freqs[h, a, j]
+//        if rope    pair j < rot_pairs rotated by angle = sum_a coords[b, l, a] * freqs[h, a, j]
+//                   (num_axes 0: by cos = table[0, b, l, j], sin = table[1, b, l, j]);
+//                   pairs j >= rot_pairs unchanged (partial rotary, rotary_dim = 2 rot_pairs)
 //   out_s[b, h, l, :] = u                                  ((B, H, L, D), any strides of b, h, l)
-// Pairs: interleaved = dims (2j, 2j+1), half = dims (j, j + D/2). All math in fp32.
+// Pairs (P = D/2, R = rot_pairs): interleaved = dims (2j, 2j+1); half = dims (j, j + R)
+// for j < R, and the pass-through dims [2R, D) as pairs (j + R, j + P) for j >= R.
+// Rotation: (x0, x1) -> (x0 cos - x1 sin, x0 sin + x1 cos). All math in fp32.
 // Strides are in elements; a stride of 0 broadcasts (coords over the batch, freqs
 // over heads). Needs D even, D <= 256, num_axes <= 4.
 #pragma once
@@ -22,9 +26,13 @@
 namespace posenc {
 
 struct QkvRopeArgs {
-  const float* coords; int64_t coords_stride[3];  // (B|1, L, A): batch, token, axis; null: no rope
-  const float* freqs; int64_t freqs_stride[2];    // (H|1, A, D/2): head, axis; pairs contiguous
-  int num_axes;
+  const float* coords; int64_t coords_stride[3];  // (B|1, L, A): batch, token, axis; null: no rope.
+                                                  // num_axes 0: the (2, B|1, L, rot_pairs) cos/sin
+                                                  // table, strides batch, token, plane; pairs contiguous
+  const float* freqs; int64_t freqs_stride[2];    // (H|1, A, rot_pairs): head, axis; pairs contiguous
+                                                  // (unused with a table)
+  int num_axes;                                   // 1..4, or 0: a table
+  int rot_pairs;                                  // pairs that rotate, 1..D/2
   bool half_pairing;
 };
 
@@ -46,11 +54,13 @@ void qkv_proj_fwd(const QkvProjFwdArgs& args, int device, cudaStream_t stream);
 // Backward: from dq, dk, dv (any strides) and the saved forward outputs q, k
 // (contiguous), rstd and parameters, writes the packed gradient of the GEMM output
 // dqkv (M, 3C) contiguous, and per chunk of `rows_per_chunk` tokens fp32 partial
-// sums (each null when not wanted):
-//   dbias_part (R, 3C), dscale_part (R, H), dfreqs_part (R, 2, H, A, D/2),
+// sums (each null when not wanted; no d freqs with a table):
+//   dbias_part (R, 3C), dscale_part (R, H), dfreqs_part (R, 2, H, A, rot_pairs),
 // R = ceil(M / qkv_proj_bwd_rows_per_chunk()); the caller adds them over R in a
 // fixed order (deterministic, no atomics). The post-norm, pre-rotation vectors
-// are recovered as R^T out / q_scale, so q_scale must be nonzero.
+// are recovered as R^-1 out / q_scale (R^-1 = R^T / (cos^2 + sin^2): a table need
+// not be a rotation), so q_scale must be nonzero, and with l2 norm no table pair
+// may have cos = sin = 0.
 struct QkvProjBwdArgs {
   const void* dq; int64_t dq_stride[4];  // (B, H, L, D)
   const void* dk; int64_t dk_stride[4];
