@@ -517,29 +517,72 @@ def test_rope_table(emu_rope, dtype, inter, B, Hq, Hk, L, D, batch_table, layout
 
 # --------------------------------------------------------------- qkv_proj
 
+def _fv(hd, ppl, rope, half, vec):
+    """Template arguments of a forward variant (HD: head_dim 64 / 128, 0 for any other;
+    PPL: pairs per lane; VEC: 16-byte vectors with HD, 2-element ones without)."""
+    b = {0: "false", 1: "true"}
+    return f"HD = {hd}; int PPL = {ppl}; bool ROPE = {b[rope]}; bool HALF = {b[half]}; bool VEC = {b[vec]}"
+
+
+def _bv(hd, ppl, rot, half, vec):
+    """Template arguments of a backward variant: the forward's layout; ROT 0 without
+    rope, 1 with cos / sin tabulated per block (shared angles or a table), 2 with
+    per-head angles or d freqs."""
+    b = {0: "false", 1: "true"}
+    return f"HD = {hd}; int PPL = {ppl}; int ROT = {rot}; bool HALF = {b[half]}; bool VEC = {b[vec]}"
+
+
 # id: B, L, H, D, dtype, bias, l2 norm, q_scale, coords kind (None: no rope), axes, half pairing,
-#     per-head freqs, grad layout, forward variant (HD: head_dim 64 / 128 or 0 for any other; PPL:
-#     pairs per lane; HALF: half pairing, with rope only; VEC: 16-byte vectors with HD, 2-element
-#     ones without), backward pairs per lane (D <= 64: 1, <= 128: 2, else 4)
+#     per-head freqs, d freqs (freqs require grad), grad layout, SMs, forward variant, backward
+#     variant, backward head slices (grid.y: with the SM count it sets how many head-warps a
+#     block holds, the rest of its 16 warps being row groups: 1, 2, 4, 8 and 16 all occur)
 QKV_CASES = {
-    "VAR": (2, 13, 2, 64, f32, True, True, True, None, 0, False, False, "contig",
-            "HD = 64; int PPL = 2; bool ROPE = false; bool HALF = false; bool VEC = true", 1),
-    "VAR-bf16": (1, 21, 2, 64, bf16, True, True, True, None, 0, False, False, "BLHD",
-                 "HD = 64; int PPL = 4; bool ROPE = false; bool HALF = false; bool VEC = true", 1),
-    # 3 H x 32 lanes > 512 threads: two passes of a block over the heads
-    "Infinity-rope-2passes": (1, 25, 6, 128, f32, False, True, False, "grid", 2, False, False, "contig",
-                              "HD = 128; int PPL = 2; bool ROPE = true; bool HALF = false; bool VEC = true", 2),
-    "Infinity-half-fp16": (3, 9, 1, 128, f16, True, True, True, "grid", 2, True, False, "Dstride",
-                           "HD = 128; int PPL = 8; bool ROPE = true; bool HALF = true; bool VEC = true", 2),
-    # 3 H x 4 lanes = 36: the second warp has one live head
-    "D64-half-perhead-bf16-partialwarp": (1, 7, 3, 64, bf16, True, True, True, "rand", 2, True, True, "BLHD",
-                                          "HD = 64; int PPL = 8; bool ROPE = true; bool HALF = true; bool VEC = true", 1),
-    "perhead-half-batchcoords-3chunks": (2, 75, 3, 32, f32, True, False, True, "batch", 3, True, True, "BLHD",
-                                         "HD = 0; int PPL = 1; bool ROPE = true; bool HALF = true; bool VEC = false", 1),
-    "oddM-D40-perhead": (1, 37, 2, 40, bf16, True, True, True, "rand", 1, False, True, "contig",
-                         "HD = 0; int PPL = 1; bool ROPE = true; bool HALF = false; bool VEC = true", 1),
-    "D256-half-4axes": (2, 3, 2, 256, f32, False, True, False, "rand", 4, True, True, "Dstride",
-                        "HD = 0; int PPL = 4; bool ROPE = true; bool HALF = true; bool VEC = false", 4),
+    # 1 SM: 2 head-warps x 8 row groups
+    "VAR-1SM": (2, 13, 2, 64, f32, True, True, True, None, 0, False, False, False, "contig", 1,
+                _fv(64, 2, 0, 0, 1), _bv(64, 2, 0, 0, 1), 2),
+    "VAR-bf16": (1, 21, 2, 64, bf16, True, True, True, None, 0, False, False, False, "BLHD", 132,
+                 _fv(64, 4, 0, 0, 1), _bv(64, 4, 0, 0, 1), 2),
+    # 63 heads in 16 head-warps of one block per chunk, no row groups
+    "VAR-H21-16headwarps": (1, 100, 21, 64, bf16, True, True, True, None, 0, False, False, False, "contig", 1,
+                            _fv(64, 4, 0, 0, 1), _bv(64, 4, 0, 0, 1), 1),
+    "VAR-fp16-Dstride-B3": (3, 30, 3, 64, f16, True, True, True, None, 0, False, False, False, "Dstride", 2,
+                            _fv(64, 4, 0, 0, 1), _bv(64, 4, 0, 0, 0), 2),
+    "D128-norope-bf16-offsetgrad": (2, 9, 2, 128, bf16, False, True, True, None, 0, False, False, False, "offset",
+                                    132, _fv(128, 4, 0, 0, 1), _bv(128, 4, 0, 0, 0), 3),
+    # frozen freqs: the block tabulates cos / sin (2 chunks, rows in 16-row tiles)
+    "Infinity-rope-frozen-bf16": (1, 70, 2, 128, bf16, False, True, False, "grid", 2, False, False, False, "BLHD", 2,
+                                  _fv(128, 4, 1, 0, 1), _bv(128, 4, 1, 0, 1), 2),
+    "D64-rope-frozen-fp16-B3-batchcoords": (3, 40, 4, 64, f16, True, True, True, "batch", 2, False, False, False,
+                                            "contig", 132, _fv(64, 4, 1, 0, 1), _bv(64, 4, 1, 0, 1), 3),
+    "D128-half-frozen-bf16": (1, 33, 2, 128, bf16, True, True, True, "grid", 2, True, False, False, "contig", 1,
+                              _fv(128, 8, 1, 1, 1), _bv(128, 8, 1, 1, 1), 1),
+    "D64-half-frozen-f32-Dstride": (2, 20, 3, 64, f32, True, True, True, "rand", 3, True, False, False, "Dstride", 132,
+                                    _fv(64, 4, 1, 1, 1), _bv(64, 4, 1, 1, 0), 3),
+    "D96-frozen-generic-bf16-B3-nonorm": (3, 11, 2, 96, bf16, True, False, True, "rand", 2, False, False, False,
+                                          "contig", 1, _fv(0, 2, 1, 0, 1), _bv(0, 2, 1, 0, 1), 3),
+    # d freqs (shared freqs): the general rotation; 3 H x 32 lanes > 512 threads: two forward passes
+    "Infinity-rope-dfreqs-2passes": (1, 25, 6, 128, f32, False, True, False, "grid", 2, False, False, True, "contig",
+                                     132, _fv(128, 2, 1, 0, 1), _bv(128, 2, 2, 0, 1), 18),
+    # per-head freqs; 1 SM: 4 head-warps x 4 row groups, then 8 x 2
+    "D128-perhead-f32-4headwarps": (1, 7, 4, 128, f32, True, True, True, "rand", 2, False, True, True, "contig", 1,
+                                    _fv(128, 2, 1, 0, 1), _bv(128, 2, 2, 0, 1), 3),
+    "D128-perhead-bf16-8headwarps": (1, 7, 5, 128, bf16, True, True, True, "rand", 2, False, True, True, "BLHD", 1,
+                                     _fv(128, 4, 1, 0, 1), _bv(128, 4, 2, 0, 1), 1),
+    # half pairing with the general rotation: the generic layout
+    "Infinity-half-fp16-dfreqs": (3, 9, 1, 128, f16, True, True, True, "grid", 2, True, False, True, "Dstride", 132,
+                                  _fv(128, 8, 1, 1, 1), _bv(0, 2, 2, 1, 0), 3),
+    # 3 H x 4 lanes = 36: the forward's second warp has one live head
+    "D64-half-perhead-bf16-partialwarp": (1, 7, 3, 64, bf16, True, True, True, "rand", 2, True, True, True, "BLHD",
+                                          132, _fv(64, 8, 1, 1, 1), _bv(0, 1, 2, 1, 0), 9),
+    "perhead-half-batchcoords-3chunks": (2, 75, 3, 32, f32, True, False, True, "batch", 3, True, True, True, "BLHD",
+                                         132, _fv(0, 1, 1, 1, 0), _bv(0, 1, 2, 1, 0), 9),
+    "oddM-D40-perhead": (1, 37, 2, 40, bf16, True, True, True, "rand", 1, False, True, True, "contig", 132,
+                         _fv(0, 1, 1, 0, 1), _bv(0, 1, 2, 0, 1), 6),
+    "D256-half-4axes": (2, 3, 2, 256, f32, False, True, False, "rand", 4, True, True, True, "Dstride", 132,
+                        _fv(0, 4, 1, 1, 0), _bv(0, 4, 2, 1, 0), 6),
+    # C = 66: nothing is a multiple of 16 bytes
+    "oddC-D22-norope-fp16": (1, 9, 3, 22, f16, True, True, True, None, 0, False, False, False, "contig", 132,
+                             _fv(0, 1, 0, 0, 1), _bv(0, 1, 0, 0, 1), 9),
 }
 
 
@@ -549,13 +592,29 @@ def _qkv_grad(t, layout):
         return torch.randn_like(t)
     if layout == "BLHD":
         return torch.randn(B, L, H, D, dtype=t.dtype).transpose(1, 2)
+    if layout == "offset":  # unit strides, data pointer one element past 16-byte alignment
+        return torch.randn(t.numel() + 1, dtype=t.dtype)[1:].view(B, H, L, D)
+    assert layout == "Dstride"
     return torch.randn(B, H, L, 2 * D, dtype=t.dtype)[..., ::2]
+
+
+def _qkv_bwd_slices(module, grads, q, k, rstd, q_scale, coords, freqs, norm, half, dfreqs):
+    """grid.y of the backward launch (dry: nothing runs), and checks its block size."""
+    with torch.no_grad():
+        (launch,) = _dry_launches(module, lambda: Q._backward_impl(
+            *grads, q.detach(), k.detach(), rstd, q_scale, coords, freqs, norm, half, True, q_scale is not None,
+            dfreqs, "cuda"))
+    name, grid, block = launch
+    assert "qkv_bwd_kernel" in name and block == (512, 1, 1), launch
+    return grid[1]
 
 
 @pytest.mark.parametrize("case", list(QKV_CASES))
 def test_qkv_proj(emu_qkv, case):
-    B, L, H, D, dtype, bias, norm, qs, coords_kind, A, half, per_head, glayout, fwd_variant, ppl = QKV_CASES[case]
+    (B, L, H, D, dtype, bias, norm, qs, coords_kind, A, half, per_head, dfreqs, glayout, sms, fwd_variant,
+     bwd_variant, slices) = QKV_CASES[case]
     torch.manual_seed(len(case))
+    emu_qkv.emu_set_num_sms(sms)
     C = H * D
     x = torch.randn(B, L, C, dtype=dtype).requires_grad_()
     w = (torch.randn(3 * C, C) / C ** 0.5).to(dtype).requires_grad_()
@@ -571,9 +630,9 @@ def test_qkv_proj(emu_qkv, case):
     elif coords_kind == "rand":
         coords = torch.randn(L, A) * 5
     if coords is not None:
-        freqs = (torch.rand(H, A, D // 2) if per_head else torch.rand(A, D // 2)).requires_grad_()
+        freqs = (torch.rand(H, A, D // 2) if per_head else torch.rand(A, D // 2)).requires_grad_(dfreqs)
 
-    q, k, v, _ = Q._fwd_op(x, w, b, q_scale, coords, freqs, H, norm, half, "cuda")
+    q, k, v, rstd = Q._fwd_op(x, w, b, q_scale, coords, freqs, H, norm, half, "cuda")
     _ran(emu_qkv, f"qkv_fwd_kernel(posenc::QkvProjFwdArgs) [with T = {_CTYPE[dtype]}; int {fwd_variant}]")
     pairing = "half" if half else "interleaved"
     exp = qkv_ref.qkv_proj(x, w, b, num_heads=H, qk_l2norm=norm, q_scale=q_scale, coords=coords, freqs=freqs,
@@ -584,22 +643,23 @@ def test_qkv_proj(emu_qkv, case):
         _close(a, e, 2 * tol, name)
 
     grads = [_qkv_grad(t, glayout) for t in (q, k, v)]
-    leaves = [t for t in (x, w, b, q_scale, freqs) if t is not None]
+    assert _qkv_bwd_slices(emu_qkv, grads, q, k, rstd, q_scale, coords, freqs, norm, half, dfreqs) == slices
+    leaves = [t for t in (x, w, b, q_scale, freqs) if t is not None and t.requires_grad]
     got = torch.autograd.grad((q, k, v), leaves, grads)
-    _ran(emu_qkv, f"qkv_bwd_kernel(posenc::QkvProjBwdArgs, bool) [with T = {_CTYPE[dtype]}; int PPL = {ppl}]")
+    _ran(emu_qkv, f"qkv_bwd_kernel(posenc::QkvProjBwdArgs, int) [with T = {_CTYPE[dtype]}; int {bwd_variant}]")
     ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
     it = iter(ref_leaves)
     rx, rw = next(it), next(it)
     rb = next(it) if bias else None
     rs = next(it) if qs else None
-    rf = next(it) if freqs is not None else None
+    rf = (next(it) if dfreqs else freqs.double()) if freqs is not None else None
     r_out = qkv_ref.qkv_proj(rx, rw, rb, num_heads=H, qk_l2norm=norm, q_scale=rs,
                              coords=None if coords is None else coords.double(), freqs=rf, pairing=pairing)
     exp_grads = torch.autograd.grad(r_out, ref_leaves, [g.double() for g in grads])
     # low precision: the backward recovers the pre-rotation vectors from the rounded outputs
     gtol = {f32: 1e-4, f16: 1e-2, bf16: 6e-2}[dtype]
     names = [n for n, t in zip(("dx", "dw", "dbias", "dq_scale", "dfreqs"), (x, w, b, q_scale, freqs))
-             if t is not None]
+             if t is not None and t.requires_grad]
     for name, a, e in zip(names, got, exp_grads):
         _close(a, e, gtol, name)
     again = torch.autograd.grad(Q._fwd_op(x, w, b, q_scale, coords, freqs, H, norm, half, "cuda")[:3], leaves,
@@ -608,19 +668,22 @@ def test_qkv_proj(emu_qkv, case):
         assert torch.equal(a, c), f"{name} is not bitwise reproducible"
 
 
-
-# id: B, L, H, D, dtype, table (else angles), table batch, half pairing, rotary_dim, forward variant
+# id: B, L, H, D, dtype, table (else angles), table batch, half pairing, rotary_dim, forward variant,
+#     backward variant (a table: cos / sin tabulated per block; angles: freqs require grad, d freqs)
 QKV_TABLE_CASES = {
-    "Infinity-mode1-table": (2, 5, 2, 128, f32, True, False, False, None,
-                             "HD = 128; int PPL = 2; bool ROPE = true; bool HALF = false; bool VEC = true"),
+    "Infinity-mode1-table": (2, 5, 2, 128, f32, True, False, False, None, _fv(128, 2, 1, 0, 1),
+                             _bv(128, 2, 1, 0, 1)),
     # 16 of 32 pairs rotate; runs of 8 half pairs stay on one side of 16: 16-byte accesses
-    "partial-half-bf16-vec": (1, 6, 3, 64, bf16, True, True, True, 32,
-                              "HD = 64; int PPL = 8; bool ROPE = true; bool HALF = true; bool VEC = true"),
+    "partial-half-bf16-vec": (1, 6, 3, 64, bf16, True, True, True, 32, _fv(64, 8, 1, 1, 1), _bv(64, 8, 1, 1, 1)),
     # 10 rotating pairs, runs of 4: the generic layout, a pair per lane
-    "partial-half-fp32-generic": (2, 3, 2, 64, f32, False, False, True, 20,
-                                  "HD = 0; int PPL = 1; bool ROPE = true; bool HALF = true; bool VEC = false"),
-    "partial-interleaved-fp16-D24": (3, 4, 2, 24, f16, True, True, False, 12,
-                                     "HD = 0; int PPL = 1; bool ROPE = true; bool HALF = false; bool VEC = true"),
+    "partial-half-fp32-generic": (2, 3, 2, 64, f32, False, False, True, 20, _fv(0, 1, 1, 1, 0),
+                                  _bv(0, 1, 2, 1, 0)),
+    "partial-half-fp16-table-generic": (3, 20, 2, 64, f16, True, True, True, 20, _fv(0, 1, 1, 1, 0),
+                                        _bv(0, 1, 1, 1, 0)),
+    "partial-interleaved-fp16-D24": (3, 4, 2, 24, f16, True, True, False, 12, _fv(0, 1, 1, 0, 1),
+                                     _bv(0, 1, 1, 0, 1)),
+    "partial-interleaved-bf16-D128-table": (1, 40, 3, 128, bf16, True, False, False, 96, _fv(128, 4, 1, 0, 1),
+                                            _bv(128, 4, 1, 0, 1)),
 }
 
 
@@ -628,7 +691,7 @@ QKV_TABLE_CASES = {
 def test_qkv_proj_table_and_partial_rotary(emu_qkv, case):
     """Table-defined rotation (0 axes: the kernels read cos/sin rows) and partial
     rotary (only the first rot_pairs pairs rotate), forward and backward."""
-    B, L, H, D, dtype, table, batch_table, half, r, fwd_variant = QKV_TABLE_CASES[case]
+    B, L, H, D, dtype, table, batch_table, half, r, fwd_variant, bwd_variant = QKV_TABLE_CASES[case]
     torch.manual_seed(len(case))
     C, R = H * D, r or D
     x = torch.randn(B, L, C, dtype=dtype).requires_grad_()
@@ -651,7 +714,7 @@ def test_qkv_proj_table_and_partial_rotary(emu_qkv, case):
     grads = [torch.randn_like(t) for t in (q, k, v)]
     leaves = [x, w, b, q_scale] + ([rot["freqs"]] if "freqs" in rot else [])
     got = torch.autograd.grad((q, k, v), leaves, grads)
-    _ran(emu_qkv, "qkv_bwd_kernel")
+    _ran(emu_qkv, f"qkv_bwd_kernel(posenc::QkvProjBwdArgs, int) [with T = {_CTYPE[dtype]}; int {bwd_variant}]")
     ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
     rrot = {n: (t.double() if n != "freqs" else ref_leaves[-1]) for n, t in rot.items()}
     r_out = qkv_ref.qkv_proj(*ref_leaves[:3], num_heads=H, qk_l2norm=True, q_scale=ref_leaves[3], pairing=pairing,
@@ -804,19 +867,24 @@ def test_pos_embed(emu_pos_embed, case):
 
 # ------------------------------------------- launch shapes at the SPEC workloads
 
-def _dry_grids(module, fn):
-    """(grid size, threads per block) of every launch ``fn`` makes, from the real host
-    code in dry mode (no kernel runs)."""
+def _dry_launches(module, fn):
+    """(kernel, grid, block) of every launch ``fn`` makes, from the real host code in
+    dry mode (no kernel runs)."""
     module.emu_set_dry(True)
     try:
         fn()
     finally:
         module.emu_set_dry(False)
-    grids = []
+    launches = []
     for entry in module.emu_take_launches():
-        _, grid, block, _ = entry.split("|")
-        grids.append((math.prod(map(int, grid.split(","))), math.prod(map(int, block.split(",")))))
-    return grids
+        name, grid, block, _ = entry.split("|")
+        launches.append((name, tuple(map(int, grid.split(","))), tuple(map(int, block.split(",")))))
+    return launches
+
+
+def _dry_grids(module, fn):
+    """(grid size, threads per block) of every launch ``fn`` makes."""
+    return [(math.prod(grid), math.prod(block)) for _, grid, block in _dry_launches(module, fn)]
 
 
 @pytest.mark.parametrize("B,C", [(64, 1024), (32, 1920)])
@@ -841,3 +909,24 @@ def test_pos_embed_launches_fill_whole_waves_at_spec_shapes(emu_pos_embed, monke
     tokens, _ = _dry_grids(emu_pos_embed, lambda: PE._backward_impl(x, *args[5:8], 0, bf16, "cuda"))
     for grid, threads in (fwd, tokens):
         assert wave_efficiency(grid, 2048 // threads * 132) >= 0.85, (grid, threads)
+
+
+@pytest.mark.parametrize("B,C,H,rope", [(32, 1024, 16, False), (32, 1920, 30, False), (4, 2048, 16, True)])
+def test_qkv_proj_backward_launch_fills_whole_waves_at_spec_shapes(emu_qkv, monkeypatch, B, C, H, rope):
+    """VAR-d16 / d30 and Infinity-2B (bf16, 132 SMs): the backward's head slices end in
+    whole waves of the 2 blocks per SM that its launch bounds leave these variants
+    (tools/kernel_report.py checks the compiled kernels against that)."""
+    import posenc_fast as pf
+    from posenc_fast.triton_kernels._launch import wave_efficiency
+
+    monkeypatch.setattr(Q._checks, "_POISON", False)
+    pn = (1, 2, 4, 6, 8, 12, 16, 20, 24, 32, 40, 48, 64) if rope else (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
+    L, D = sum(s * s for s in pn), C // H
+    coords = pf.pyramid_coords(pn, mode="round") if rope else None
+    freqs = pf.axial_rope_freqs(D) if rope else None
+    g = [torch.empty(B, H, L, D, dtype=bf16) for _ in range(5)]
+    with torch.no_grad():
+        ((name, grid, block),) = _dry_launches(emu_qkv, lambda: Q._backward_impl(
+            *g, torch.empty(2, B * L, H), torch.ones(H), coords, freqs, True, False, True, True, False, "cuda"))
+    assert "qkv_bwd_kernel" in name and block == (512, 1, 1)
+    assert wave_efficiency(math.prod(grid), 2 * 132) >= 0.85, grid
