@@ -525,7 +525,9 @@ qkv_bwd_kernel(const QkvProjBwdArgs a, int head_warps) {
       }
       if (want_dscale) acc[NA - 1] += dot * inv_sc;
       const float head_dot = norm ? lane_group_sum<G>(dot) : 0.f;
+      // dx = (g sc - n head_dot) rs, n = y inv_sc the normalised vector: g gain - y proj.
       const float rs = norm && qk ? a.rstd[(static_cast<int64_t>(s) * M + m) * H + h] : 1.f;
+      const float gain = sc * rs, proj = inv_sc * head_dot * rs;
       float lane_cs[K][VP], lane_sn[K][VP];  // per-head angles only
       if (per_head && qk)
         lane_angles<HD, G>(coord, a.rope.freqs + h * a.rope.freqs_stride[0], a.rope, g, P, R, lane_cs, lane_sn);
@@ -562,11 +564,12 @@ qkv_bwd_kernel(const QkvProjBwdArgs a, int head_warps) {
               }
             }
           }
-          g0 *= sc;
-          g1 *= sc;
-          if (norm && qk) {  // y * inv_sc: the normalised vector
-            g0 = (g0 - y0 * inv_sc * head_dot) * rs;
-            g1 = (g1 - y1 * inv_sc * head_dot) * rs;
+          if (norm && qk) {
+            g0 = g0 * gain - y0 * proj;
+            g1 = g1 * gain - y1 * proj;
+          } else {
+            g0 *= gain;
+            g1 *= gain;
           }
           dx.set(v, g0, g1);
           acc[i * VP + v] += g0;
