@@ -124,7 +124,8 @@ WORKLOADS: Dict[str, List[Workload]] = {
                  Workload("infinity-2b-b4", True, dict(B=4, C=2048, H=16, sched="inf64", rope=True)),
                  # Infinity's rope2d_normalized_by_hw=1: a cos/sin table instead of angles. The
                  # CUDA backward reads a table in a run-time branch of the very instantiation
-                 # infinity-2b-b4 reports (qkv_bwd_kernel<bf16, 2>): not reported twice.
+                 # infinity-2b-b4 reports (qkv_bwd_kernel<bf16, 128, 4, 1, false, true>, cos / sin
+                 # tabulated per block): not reported twice.
                  Workload("inf-2b-b4-table", True, dict(B=4, C=2048, H=16, sched="inf64", rope="table"),
                           skip=(("bwd", "cuda"),))],
 }
