@@ -50,20 +50,20 @@ struct alignas(sizeof(T) * N) Pack {
   T v[N];
 };
 
-// out[oo + v] = x[xo + v] + e[v], v < VEC: x's element offset xo of a channel vector
-// (VEC > 1: one 16-byte load of x and one store of out; the host guarantees unit
-// channel stride, C % VEC == 0 and aligned rows).
+// out[oo + v] = x[xo + (c0 + v) * x_stride_c] + e[v], v < VEC: xo the offset of x's
+// (image, token) row (VEC > 1: one 16-byte load of x and one store of out; the host
+// guarantees unit channel stride, C % VEC == 0 and aligned rows).
 template <typename TX, typename TO, int VEC>
-__device__ __forceinline__ void store_sum(const TX* __restrict__ x, int64_t xo, TO* __restrict__ out, int64_t oo,
-                                          const float (&e)[VEC]) {
+__device__ __forceinline__ void store_sum(const TX* __restrict__ x, int64_t xo, int64_t c0, int64_t x_stride_c,
+                                          TO* __restrict__ out, int64_t oo, const float (&e)[VEC]) {
   if constexpr (VEC > 1) {
-    const Pack<TX, VEC> xv = *reinterpret_cast<const Pack<TX, VEC>*>(x + xo);
+    const Pack<TX, VEC> xv = *reinterpret_cast<const Pack<TX, VEC>*>(x + xo + c0);
     Pack<TO, VEC> ov;
 #pragma unroll
     for (int v = 0; v < VEC; ++v) ov.v[v] = from_float<TO>(to_float<TX>(xv.v[v]) + e[v]);
     *reinterpret_cast<Pack<TO, VEC>*>(out + oo) = ov;
   } else {
-    out[oo] = from_float<TO>(to_float<TX>(x[xo]) + e[0]);
+    out[oo] = from_float<TO>(to_float<TX>(x[xo + c0 * x_stride_c]) + e[0]);
   }
 }
 
@@ -105,7 +105,7 @@ __global__ void pos_embed_fwd_kernel(const PosEmbedFwdArgs a, int64_t batch_per_
       if constexpr (PER_IMAGE)
         e[v] += fixed_value(a.coords + b * a.coords_image_stride, a.desc, g, c0 + v, a.angle_scale);
     }
-    store_sum<TX, TO, VEC>(x, b * a.x_stride[0] + t * a.x_stride[1] + c0 * a.x_stride[2], out,
+    store_sum<TX, TO, VEC>(x, b * a.x_stride[0] + t * a.x_stride[1], c0, a.x_stride[2], out,
                            (b * a.n + t) * a.C + c0, e);
   }
 }
@@ -251,7 +251,7 @@ __global__ void __launch_bounds__(kGridLanes * kGridChunkTokens, kGridBlocksPerS
   const int64_t b_begin = static_cast<int64_t>(blockIdx.z) * batch_per_block;
   const int64_t b_end = b_begin + batch_per_block < a.B ? b_begin + batch_per_block : a.B;
   for (int64_t b = b_begin; b < b_end; ++b)
-    store_sum<TX, TO, VEC>(x, b * a.x_stride[0] + t * a.x_stride[1] + c0 * a.x_stride[2], out,
+    store_sum<TX, TO, VEC>(x, b * a.x_stride[0] + t * a.x_stride[1], c0, a.x_stride[2], out,
                            (b * a.n + t) * a.C + c0, e);
 }
 
