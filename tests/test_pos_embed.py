@@ -645,9 +645,10 @@ def test_gpu_flexvar_var_shape_inductor_and_graphs(backend):
         out = pf.pos_embed_add(x, "flexvar", pn, tables=(grid,), backend=backend)
         return (out,) + torch.autograd.grad(out, grid, dy)
 
-    def refresh():
+    def refresh():  # the grid too: the replay reads it as it is now (nothing of it is cached)
         x.copy_(torch.randn_like(x))
         dy.copy_(torch.randn_like(dy))
+        grid.data.copy_(torch.randn_like(grid))
 
     static, fresh = capture_and_replay(step, refresh)
     for a, b in zip(static, fresh):
