@@ -542,7 +542,8 @@ def pos_embed_add(x: torch.Tensor, kind: str, patch_nums: Sequence[Scale], *, st
             (learned); see ``posenc_fast.reference.pos_embed`` for each definition.
         patch_nums: the scales, coarse to fine: ``[pn]`` or ``[(h, w)]``; one scale
             for a flat grid.
-        tables: the learned tables: ``(grid,)`` (1, C, Gh, Gw) for ``flexvar``;
+        tables: the learned tables: ``(grid,)`` (1, C, Gh, Gw) for ``flexvar`` (any
+            strides; read as it is at each call, nothing of it is cached);
             ``(row_table, col_table)`` for ``navit`` / ``pix2struct``.
         gaussian: SAM's (2, C/2) matrix. mask: DETR's (B, h, w) padding mask (True =
             padding; one scale).
