@@ -721,6 +721,8 @@ def test_flexvar_module_grads_reach_grid():
     (lambda x: pf.pos_embed_add(x, "pix2struct", [2], tables=(torch.randn(3, 8), torch.randn(2, 8))), ValueError,
      "1-based"),
     (lambda x: pf.pos_embed_add(x, "flexvar", [2], tables=(torch.randn(2, 8, 4, 4),)), ValueError, "grid must"),
+    (lambda x: pf.pos_embed_add(x, "flexvar", [(1, 2 ** 16)], tables=(torch.zeros(1, 8, 1, 1).expand(1, 8, 1, 32768),)),
+     ValueError, "below 2"),
     (lambda x: pf.pos_embed_add(x, "flexvar", [2], tables=(torch.randn(1, 6, 4, 4),)), ValueError, "channels"),
     (lambda x: pf.pos_embed_add(x, "flexvar", [2], tables=torch.randn(1, 8, 4, 4)), TypeError, "tuple"),
     (lambda x: pf.pos_embed_add(x, "sam", [2]), TypeError, "gaussian"),
