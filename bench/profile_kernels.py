@@ -41,7 +41,7 @@ def run_ops(backend: str, device: str, dtype: torch.dtype, w: dict) -> None:
     out = pf.pyramid_pos_level_add(x, rnd(1, L, C), rnd(len(pn), C), pn, backend=backend)
     out.backward(torch.ones_like(out))
     grid = rnd(1, C, 32, 32, std=0.02)
-    out = pf.pos_embed_add(x, "flexvar", pn, tables=(grid,), backend=backend)  # learned: gather + d grid
+    out = pf.pos_embed_add(x, "flexvar", pn, tables=(grid,), backend=backend)  # learned: grid area sums + d grid
     out.backward(torch.ones_like(out))
     pf.pos_embed_add(x, "sincos_pyramid", pn, backend=backend)  # fixed: generated in the kernel
     side = pn[-1]

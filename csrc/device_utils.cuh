@@ -54,12 +54,14 @@ inline double wave_efficiency(int64_t grid, int64_t slots) {
 // the batch (grid = tiles x slices, slices on grid.z). A problem too small to fill one
 // wave gets one row per block (sampling: latency over reuse). Otherwise the slice
 // count whose grid ends closest to whole waves, among those that re-read the tables
-// at most about 5% of x's bytes (slices <= 1 + B / 10), fewest slices first.
-inline int64_t batch_per_block(int64_t tiles, int64_t B, int64_t slots) {
+// at most about 5% of x's bytes (max_slices; by default 1 + B / 10, for tables of x's
+// rows and dtype), fewest slices first.
+inline int64_t batch_per_block(int64_t tiles, int64_t B, int64_t slots, int64_t max_slices = -1) {
   int64_t per_block = 1;
   if (tiles * B > slots) {
     double best = -1.0;
-    for (int64_t s = 1; s <= std::min<int64_t>(B, 1 + B / 10); ++s) {
+    if (max_slices < 0) max_slices = 1 + B / 10;
+    for (int64_t s = 1; s <= std::max<int64_t>(1, std::min<int64_t>(B, max_slices)); ++s) {
       const int64_t per = (B + s - 1) / s;
       const double eff = wave_efficiency(tiles * ((B + per - 1) / per), slots);
       if (eff > best + 1e-9) best = eff, per_block = per;

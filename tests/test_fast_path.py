@@ -5,11 +5,14 @@ numbers; under tracing (make_fx, torch.compile) the custom op is what gets trace
 The op counts below are the host-overhead guard: a fused call must stay one output
 allocation plus its launch (with a KV cache: q, plus the returned cache views)."""
 
+import os
+
 import pytest
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
 import posenc_fast as pf
+from posenc_fast import _backends
 from posenc_fast.ops import pyramid as pyramid_ops, qkv_proj as qkv_ops, rope as rope_ops
 from conftest import DEVICE, fast_backends
 
@@ -142,6 +145,12 @@ def test_backend_choice_is_not_frozen_by_the_cache(monkeypatch):
     monkeypatch.setenv("POSENC_FAST_BACKEND", "bogus")
     with pytest.raises(ValueError, match="POSENC_FAST_BACKEND"):
         pf.pyramid_pos_level_add(x, pos, lvl, PN)
+    # The variable is read on every call (from os.environ's own dict): plain
+    # assignment and deletion are seen at once, like monkeypatch's.
+    os.environ["POSENC_FAST_BACKEND"] = "reference"
+    assert _backends.requested_backend() == "reference"
+    del os.environ["POSENC_FAST_BACKEND"]
+    assert _backends.requested_backend() == "auto"
 
 
 def _aten_ops(fn):

@@ -59,8 +59,8 @@ def test_every_triton_kernel_variant_compiles_for_sm80_and_sm90(tmp_path):
     assert kernels == {("pyramid_pos_level_add", "_fwd_kernel"), ("pyramid_pos_level_add", "_bwd_rows_kernel"),
                        ("pyramid_pos_level_add", "_bwd_levels_kernel"), ("rope", "_rope_kernel"),
                        ("qkv_proj", "_fwd_kernel"), ("qkv_proj", "_bwd_kernel"),
-                       ("pos_embed_add", "_fwd_kernel"), ("pos_embed_add", "_bwd_tokens_kernel"),
-                       ("pos_embed_add", "_bwd_table_kernel")}, kernels
+                       ("pos_embed_add", "_fwd_kernel"), ("pos_embed_add", "_grid_fwd_kernel"),
+                       ("pos_embed_add", "_bwd_tokens_kernel"), ("pos_embed_add", "_bwd_table_kernel")}, kernels
     comp = _run(["compile", str(launches), "--arch", "80", "--arch", "90"], interpret=False, timeout=3000,
                 cache=_cache_dir())
     assert comp.returncode == 0, comp.stdout[-20000:] + comp.stderr[-5000:]

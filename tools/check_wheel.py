@@ -47,8 +47,8 @@ ABI3_TAGS = ("cp310", "abi3")
 EXTENSION = "posenc_fast/_C.abi3.so"
 # What posenc_fast/ops calls on the library (posenc_fast._cuda.lib()).
 FUNCTIONS = ("pyramid_pos_level_add_fwd", "pyramid_pos_level_add_bwd", "rope_apply", "rope_workspace_floats",
-             "qkv_proj_fwd", "qkv_proj_bwd", "qkv_proj_bwd_rows_per_chunk", "pos_embed_add_fwd", "pos_embed_add_bwd",
-             "driver_version")
+             "qkv_proj_fwd", "qkv_proj_bwd", "qkv_proj_bwd_rows_per_chunk", "pos_embed_add_fwd",
+             "pos_embed_add_grid_fwd", "pos_embed_add_bwd", "driver_version")
 
 # Run by each --load-with interpreter: load the extension by path (importing the
 # posenc_fast package would need torch) and call into its binding.

@@ -269,7 +269,7 @@ def _run_op(op: str, direction: str, backend: str, w: Workload) -> None:
                   "navit": lambda: (t(p["grid"], C), t(p["grid"], C))}.get(kind, tuple)()
         opts = op_pe._opts(10000.0, False, False, False, op_pe._TWO_PI, False)
         rows = op_pe._validate(t(B, L, C), kind, scales, 0, tables, None, None, 0, opts)[2]
-        static = op_pe._static_inputs(kind, scales, rows, 0, opts, False, C, torch.device("cpu"))
+        static = op_pe._static_inputs(kind, scales, rows, 0, opts, False, C, 0, L, torch.device("cpu"))
         args = op_pe._op_args(kind, t(B, L, C), tables, None, None, 0, 0, opts, static, backend)
         if direction == "fwd":
             op_pe._forward(*args)
@@ -395,6 +395,12 @@ def bytes_model(op: str, direction: str, backend: str, w: Workload, launches: Li
         if direction == "fwd":
             minimum = (2 * B * L * C + K * C) * E
             splits = max(l.grid[2] for l in launches)
+            if p["kind"] == "flexvar":  # one launch: grid.x = the chunks of (Q, 8) int32
+                chunks = launches[0].grid[0]
+                return minimum + (splits - 1) * K * C * E + chunks * 8 * 4, minimum, (
+                    f"x + out once; the grid read by each of {splits} batch slices in its own layout (per slice "
+                    f"each scale's token rows read their window rows, about a grid per scale, from L2); "
+                    f"{chunks} chunks")
             moved = minimum + (splits - 1) * K * C * E + (L + 1) * 4 + entries * 8
             return moved, minimum, (f"x + out once; table re-read by {splits} batch slices (its {entries} row "
                                     f"gathers per slice hit L2); row map")

@@ -122,8 +122,9 @@ def _drive_ops() -> None:
         backward(pf.pos_embed_add(rand(2, 9, 24, dtype=dtype), "detr", [3], mask=mask, normalize=True,
                                   backend="triton"))
         for table_dtype in {torch.float32, dtype}:
-            grid = rand(1, 24, 4, 4, dtype=table_dtype)
-            backward(pf.pos_embed_add(x, "flexvar", patch_nums, tables=(grid,), backend="triton"))
+            # FlexVAR grids: Gw a multiple of 8 (aligned cell ranges) or not
+            for grid in (rand(1, 24, 4, 4, dtype=table_dtype), rand(1, 24, 8, 16, dtype=table_dtype)):
+                backward(pf.pos_embed_add(x, "flexvar", patch_nums, tables=(grid,), backend="triton"))
             tables = (rand(4, 24, dtype=table_dtype), rand(4, 24, dtype=table_dtype))
             backward(pf.pos_embed_add(rand(2, 9, 24, dtype=dtype), "pix2struct", patch_nums, start=5, tables=tables,
                                       backend="triton"))

@@ -1,6 +1,7 @@
 """Launch-configuration helpers shared by the Triton launchers."""
 
 import functools
+from typing import Optional
 
 import torch
 
@@ -26,7 +27,7 @@ def next_power_of_2(n: int) -> int:
     return 1 << (n - 1).bit_length() if n > 0 else 1
 
 
-def batch_per_program(tiles: int, B: int, slots: int) -> int:
+def batch_per_program(tiles: int, B: int, slots: int, max_slices: Optional[int] = None) -> int:
     """Batch rows per program of a kernel that streams each embedding tile onto a
     slice of the batch: grid = tiles x slices (csrc/device_utils.cuh
     ``batch_per_block`` is its CUDA twin).
@@ -34,11 +35,14 @@ def batch_per_program(tiles: int, B: int, slots: int) -> int:
     A problem too small to fill one wave of ``slots`` resident programs gets one row
     per program (sampling: latency over reuse). Otherwise the slice count whose grid
     ends closest to whole waves, among those that re-read the tables at most about
-    5% of x's bytes (slices <= 1 + B / 10), fewest slices first."""
+    5% of x's bytes (``max_slices``; by default 1 + B / 10, for tables of x's rows
+    and dtype), fewest slices first."""
     if tiles * B <= slots:
         return 1
+    if max_slices is None:
+        max_slices = 1 + B // 10
     best_eff, best = -1.0, B
-    for s in range(1, min(B, 1 + B // 10) + 1):
+    for s in range(1, max(1, min(B, max_slices)) + 1):
         per = cdiv(B, s)
         eff = wave_efficiency(tiles * cdiv(B, per), slots)
         if eff > best_eff + 1e-9:

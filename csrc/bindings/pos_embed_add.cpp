@@ -30,6 +30,27 @@ PyObject* fwd(PyObject*, PyObject* const* args, Py_ssize_t nargs, PyObject* kwna
   }, /*release_gil=*/true);
 }
 
+PyObject* grid_fwd(PyObject*, PyObject* const* args, Py_ssize_t nargs, PyObject* kwnames) {
+  static const char* const names[] = {
+      "x", "x_dtype", "x_stride", "grid", "grid_dtype", "grid_stride", "Gh", "Gw", "chunks", "Q", "out",
+      "out_dtype", "B", "n", "C", "device", "stream"};
+  Args p("pos_embed_add_grid_fwd", names, args, nargs, kwnames);
+  posenc::PosEmbedGridFwdArgs a{};
+  a.x = p.ptr(0); const int x_dtype = p.i32(1); p.strides(2, a.x_stride, 3);
+  a.grid = p.ptr(3); const int grid_dtype = p.i32(4); p.strides(5, a.grid_stride, 3);
+  a.Gh = p.i64(6); a.Gw = p.i64(7);
+  a.chunks = static_cast<const int32_t*>(p.ptr(8)); a.Q = p.i64(9);
+  a.out = p.ptr(10); const int out_dtype = p.i32(11);
+  a.B = p.i64(12); a.n = p.i64(13); a.C = p.i64(14);
+  const int device = p.i32(15);
+  cudaStream_t stream = as_stream(p.ptr(16));
+  if (p.failed()) return nullptr;
+  return call_core([&] {
+    a.x_dtype = as_dtype(x_dtype); a.grid_dtype = as_dtype(grid_dtype); a.out_dtype = as_dtype(out_dtype);
+    posenc::pos_embed_add_grid_fwd(a, device, stream);
+  }, /*release_gil=*/true);
+}
+
 PyObject* bwd(PyObject*, PyObject* const* args, Py_ssize_t nargs, PyObject* kwnames) {
   static const char* const names[] = {
       "grad", "grad_dtype", "grad_stride", "gtok", "tptr", "ttok", "tw", "K", "dtable", "dtable_dtype", "B", "n",
@@ -57,6 +78,8 @@ PyMethodDef* pos_embed_add_methods() {
   static PyMethodDef methods[] = {
       {"pos_embed_add_fwd", method(fwd), kFastCall,
        "out = x + learned rows + generated sinusoid (see pos_embed_add.h)"},
+      {"pos_embed_add_grid_fwd", method(grid_fwd), kFastCall,
+       "out = x + FlexVAR's area-resized grid, read in its own layout (see pos_embed_add.h)"},
       {"pos_embed_add_bwd", method(bwd), kFastCall,
        "d table from the output gradient, deterministic (see pos_embed_add.h)"},
       {nullptr, nullptr, 0, nullptr}};

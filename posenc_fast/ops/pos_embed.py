@@ -4,12 +4,19 @@ Fourier) fused into one pass over x.
 
 The kernels see every kind in one form, built here once per signature (cached):
 
-* learned kinds: a sparse row map. Token g's embedding is ``sum_j w_j table[k_j]``
-  over its entries (CSR, int32 offsets/indices, fp32 weights) into one (K, C) table:
-  FlexVAR's grid viewed as (Gh * Gw, C) with area-average weights, the row and
-  column tables of NaViT / Pix2Struct stacked. The backward sums the gradient over
-  the batch per token, then gathers each table row from the tokens that read it
-  (the transposed map, in token order): deterministic, no atomics.
+* NaViT / Pix2Struct: a sparse row map. Token g's embedding is ``sum_j w_j table[k_j]``
+  over its entries (CSR, int32 offsets/indices, fp32 weights) into one (K, C) table,
+  the row and column tables stacked.
+* FlexVAR: the grid itself, in its own layout and strides (no view, copy or cache of
+  it: nothing can go stale when an optimizer updates it in place, and a captured
+  CUDA graph reads it as it is at replay), with a chunk table: the window's tokens
+  grouped by token row of a scale, at most ``_GRID_CHUNK_TOKENS`` a chunk, each with
+  the grid rows and cells its area windows cover. The kernels sum those grid rows per
+  cell with loads contiguous along the cells, then weight the cell sums into each
+  token's column window, so a coarse token's many cells are spread over threads.
+* Backward of the learned kinds: the gradient summed over the batch per token, then
+  each table row (FlexVAR: grid cell, all channels) gathered from the tokens that
+  read it (the transposed map, in token order): deterministic, no atomics.
 * fixed kinds: per token fp32 coordinates (y, x, weight) and per channel a
   descriptor (fy, fx, is_cos); the kernels compute
   ``weight * sin|cos((y * fy + x * fx) * angle_scale)``, so no (L, C) table is read.
@@ -40,6 +47,10 @@ _OPTIONS = {
     "fractional": (False, ("navit",)),
 }
 _CHANNELS_MULTIPLE = {"mae": 4, "timm": 4, "detr": 4, "sincos_pyramid": 2, "sincos_1d": 2, "sam": 2}
+# Tokens per FlexVAR chunk: the token slots of a program / block (Triton BLOCK_T, CUDA
+# kGridChunkTokens in csrc/include/posenc_fast/pos_embed_add.h). A VAR row (<= 16
+# tokens) is one chunk.
+_GRID_CHUNK_TOKENS = 16
 
 
 # ------------------------------------------------------------ kernel tables
@@ -149,10 +160,38 @@ def _area_windows(out: int, size: int) -> List[Tuple[int, int]]:
 
 
 @functools.lru_cache(maxsize=128)
+def _grid_chunks(scales, prefix: int, start: int, n: int, grid_hw: Tuple[int, int],
+                 device: torch.device) -> torch.Tensor:
+    """FlexVAR's chunk table, int32 (Q, 8): per chunk (t0, cnt, y0, y1, xa, xb, j0, w):
+    window tokens [t0, t0 + cnt) are columns j0.. of one row of a scale w tokens wide,
+    whose area windows cover grid rows [y0, y1) and lie in cells [xa, xb) of a grid
+    row. xa, xb are multiples of 8 when Gw is (aligned 16-byte loads; the extra cells
+    weigh nothing). Prefix tokens: chunks with empty ranges (no embedding)."""
+    gh, gw = grid_hw
+    align = 8 if gw % 8 == 0 else 1
+    end, step = start + n, _GRID_CHUNK_TOKENS
+    chunks = [(a - start, min(a + step, prefix, end) - a, 0, 0, 0, 0, 0, 1)
+              for a in range(start, min(prefix, end), step)]
+    g = prefix
+    for h, w in scales:
+        rows, cols = _area_windows(h, gh), _area_windows(w, gw)
+        for r, (y0, y1) in enumerate(rows):
+            first = g + r * w
+            for a in range(max(first, start), min(first + w, end), step):
+                j0, j1 = a - first, min(a + step, first + w, end) - first
+                xa = cols[j0][0] // align * align
+                xb = min(-(-cols[j1 - 1][1] // align) * align, gw)
+                chunks.append((a - start, j1 - j0, y0, y1, xa, xb, j0, w))
+        g += h * w
+    return torch.tensor(chunks, dtype=torch.int32).reshape(-1, 8).to(device)
+
+
+@functools.lru_cache(maxsize=128)
 def _sparse_map(kind: str, scales, prefix: int, table_rows: Tuple[int, ...], fractional: bool,
-                device: torch.device) -> Tuple[torch.Tensor, ...]:
-    """(ptr, idx, w) CSR of every token's table entries and (tptr, ttok, tw) of every
-    table row's tokens (token order), for the learned kinds."""
+                device: torch.device) -> Tuple[Optional[torch.Tensor], ...]:
+    """(ptr, idx, w) CSR of every token's table entries (None for FlexVAR, whose
+    forward reads the grid by chunks) and (tptr, ttok, tw) of every table row's
+    tokens (token order), for the learned kinds."""
     tok, idx, wt = [], [], []
     g = prefix
     for h, w in scales:
@@ -191,14 +230,20 @@ def _sparse_map(kind: str, scales, prefix: int, table_rows: Tuple[int, ...], fra
     tptr = torch.zeros(K + 1, dtype=torch.int64)
     tptr[1:] = torch.bincount(idx_t, minlength=K).cumsum(0)
     i32 = torch.int32
-    return tuple(t.to(device) for t in (ptr.to(i32), idx_t.to(i32), w_t, tptr.to(i32), tok_t[order].to(i32),
-                                        w_t[order]))
+    bwd = tuple(t.to(device) for t in (tptr.to(i32), tok_t[order].to(i32), w_t[order]))
+    if kind == "flexvar":
+        return (None, None, None) + bwd
+    return tuple(t.to(device) for t in (ptr.to(i32), idx_t.to(i32), w_t)) + bwd
 
 
 # -------------------------------------------------------------- custom ops
 
 def _launch_fwd(x, table, cptr, cidx, cw, coords, desc, out, start: int, angle_scale: float, backend: str) -> None:
-    if backend == "triton":
+    """``table`` (K, C) with its CSR map (cptr, cidx, cw), or FlexVAR's grid (any
+    layout, 3 or 4 dimensions) with its chunk table in ``cptr``; or None."""
+    if table is not None and table.dim() > 2:
+        _launch_grid_fwd(x, table, cptr, out, backend)
+    elif backend == "triton":
         from ..triton_kernels import pos_embed_add as tk
 
         tk.pos_embed_add_fwd(x, table, cptr, cidx, cw, coords, desc, out, start=start, angle_scale=angle_scale)
@@ -214,6 +259,22 @@ def _launch_fwd(x, table, cptr, cidx, cw, coords, desc, out, start: int, angle_s
             _cuda.ptr(coords), coords.stride(0) if per_batch else 0, _cuda.ptr(desc),
             out.data_ptr(), _cuda.dtype_code(out), B, n, C, start, angle_scale,
             dev.index, _cuda.stream(dev))
+    else:
+        raise ValueError(f"posenc_fast::{OP} has no kernel for backend {backend!r}")
+
+
+def _launch_grid_fwd(x, grid, chunks, out, backend: str) -> None:
+    if backend == "triton":
+        from ..triton_kernels import pos_embed_add as tk
+
+        tk.pos_embed_grid_fwd(x, grid, chunks, out)
+    elif backend == "cuda":
+        B, n, C = x.shape
+        dev = x.device
+        _cuda.lib().pos_embed_add_grid_fwd(
+            x.data_ptr(), _cuda.dtype_code(x), x.stride(), grid.data_ptr(), _cuda.dtype_code(grid),
+            grid.stride()[-3:], grid.shape[-2], grid.shape[-1], chunks.data_ptr(), chunks.shape[0], out.data_ptr(),
+            _cuda.dtype_code(out), B, n, C, dev.index, _cuda.stream(dev))
     else:
         raise ValueError(f"posenc_fast::{OP} has no kernel for backend {backend!r}")
 
@@ -272,6 +333,7 @@ def _setup_context(ctx, inputs, output):
     x, table, _, _, _, tptr, ttok, tw, _, _, start, _, backend = inputs
     ctx.x_dtype, ctx.start, ctx.backend = x.dtype, start, backend
     ctx.table_dtype = None if table is None else table.dtype
+    ctx.table_shape = None if table is None else table.shape
     ctx.tmap = (tptr, ttok, tw)
 
 
@@ -281,6 +343,8 @@ def _backward(ctx, grad):
     if ctx.needs_input_grad[1]:
         dtable = _fastpath.pick(_bwd_op, _backward_impl, grad)(grad, *ctx.tmap, ctx.start, ctx.table_dtype,
                                                                ctx.backend)
+        if len(ctx.table_shape) > 2:  # FlexVAR: rows are grid cells, a channels-last view of the grid's shape
+            dtable = dtable.t().reshape(ctx.table_shape)
     return (dx, dtable) + (None,) * 11
 
 
@@ -341,6 +405,10 @@ def _validate_common(kind, patch_nums, C, tables, gaussian, mask, num_prefix_tok
         if grid.shape[-1] == 0 or grid.shape[-2] == 0:
             raise ValueError(f"grid must have at least one cell, got shape {tuple(grid.shape)}")
         rows = (grid.shape[-2], grid.shape[-1])
+        # The kernels compute a token's cells in 32 bits: (column + 1) * Gw.
+        if max(w for _, w in scales) * grid.shape[-1] >= 2 ** 31:
+            raise ValueError(f"grid width {grid.shape[-1]} x the widest scale ({max(w for _, w in scales)} tokens) "
+                             f"must stay below 2^31")
     elif kind in ("navit", "pix2struct"):
         offset = 1 if kind == "pix2struct" else 0
         for name, t, need in zip(names, tables, (max(h for h, _ in scales), max(w for _, w in scales))):
@@ -411,22 +479,24 @@ def _validate(x, kind, patch_nums, start, tables, gaussian, mask, num_prefix_tok
     return device, scales, rows
 
 
-def _table_2d(kind: str, tables: Sequence[torch.Tensor]) -> Optional[torch.Tensor]:
-    """The learned tables as one (K, C) tensor: FlexVAR's grid as a view, NaViT's and
-    Pix2Struct's two tables stacked (differentiable, so gradients reach them)."""
+def _table(kind: str, tables: Sequence[torch.Tensor]) -> Optional[torch.Tensor]:
+    """What the kernels read: FlexVAR's grid as given; NaViT's and Pix2Struct's two
+    tables stacked into one (K, C) (differentiable, so gradients reach them)."""
     if kind == "flexvar":
-        grid = tables[0]
-        return grid.reshape(grid.shape[-3], -1).t()
+        return tables[0]
     return torch.cat(tuple(tables), dim=0) if tables else None  # cat promotes mixed dtypes
 
 
-def _static_inputs(kind: str, scales, rows, prefix: int, opts: dict, has_mask: bool, C: int,
+def _static_inputs(kind: str, scales, rows, prefix: int, opts: dict, has_mask: bool, C: int, start: int, n: int,
                    device: torch.device):
     """The cached kernel inputs of a signature: (row maps, coordinates, descriptors),
-    each None where the kind has none or where it depends on the call's tensors."""
+    each None where the kind has none or where it depends on the call's tensors.
+    FlexVAR's forward map is its chunk table of the window [start, start + n)."""
     maps = coords = desc = None
     if kind in ref.LEARNED_KINDS:
         maps = _sparse_map(kind, scales, prefix, rows, opts["fractional"], device)
+        if kind == "flexvar":
+            maps = (_grid_chunks(scales, prefix, start, n, rows, device),) + maps[1:]
     elif not has_mask:
         coords = _fixed_coords(kind, scales, prefix, tuple(opts.items()), device)
     if kind in ("mae", "timm", "sincos_pyramid", "sincos_1d", "detr"):
@@ -443,7 +513,7 @@ def _op_args(kind: str, x, tables, gaussian, mask, start: int, prefix: int, opts
         coords = _detr_mask_coords(mask, prefix, opts["normalize"], float(opts["scale"]))
     angle_scale = _TWO_PI if kind == "sam" else 1.0
     cptr, cidx, cw, tptr, ttok, tw = maps if maps is not None else (None,) * 6
-    return (x, _table_2d(kind, tables), cptr, cidx, cw, tptr, ttok, tw, coords, desc, start, angle_scale, backend)
+    return (x, _table(kind, tables), cptr, cidx, cw, tptr, ttok, tw, coords, desc, start, angle_scale, backend)
 
 
 def _plan(x, kind, patch_nums, start, tables, gaussian, mask, num_prefix_tokens, opts, requested):
@@ -451,7 +521,8 @@ def _plan(x, kind, patch_nums, start, tables, gaussian, mask, num_prefix_tokens,
     device, scales, rows = _validate(x, kind, patch_nums, start, tables, gaussian, mask, num_prefix_tokens, opts)
     name = _backends.resolve_backend(OP, requested, device)
     static = None if name == "reference" else _static_inputs(kind, scales, rows, num_prefix_tokens, opts,
-                                                              mask is not None, x.shape[2], device)
+                                                              mask is not None, x.shape[2], start, x.shape[1],
+                                                              device)
     return name, scales, static, ref.output_dtype(x, tables), opts
 
 
@@ -471,7 +542,8 @@ def pos_embed_add(x: torch.Tensor, kind: str, patch_nums: Sequence[Scale], *, st
             (learned); see ``posenc_fast.reference.pos_embed`` for each definition.
         patch_nums: the scales, coarse to fine: ``[pn]`` or ``[(h, w)]``; one scale
             for a flat grid.
-        tables: the learned tables: ``(grid,)`` (1, C, Gh, Gw) for ``flexvar``;
+        tables: the learned tables: ``(grid,)`` (1, C, Gh, Gw) for ``flexvar`` (any
+            strides; read as it is at each call, nothing of it is cached);
             ``(row_table, col_table)`` for ``navit`` / ``pix2struct``.
         gaussian: SAM's (2, C/2) matrix. mask: DETR's (B, h, w) padding mask (True =
             padding; one scale).

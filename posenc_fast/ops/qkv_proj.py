@@ -454,10 +454,8 @@ def _kernel_rotation(x: torch.Tensor, coords, freqs, cos, sin):
     (2, B|1, L, r/2) cos/sin table with freqs of no axes (apply_rope's table mode).
     The rotating pairs per head are freqs' last dim: r/2 (D/2 without rotary_dim)."""
     if cos is not None:
-        # qkv_proj's tables hold one entry per rotating pair (never apply_rope's
-        # full-width kind): the rotating width 2 P selects that layout.
-        P = cos.shape[-1]
-        return _pack_table(cos, sin, 2 * P, "interleaved"), _no_axes(P, x.device)
+        # pair tables only (r/2 per token): never the full-width (4-plane) packing
+        return _pack_table(cos, sin, 2 * cos.shape[-1], "interleaved"), _no_axes(cos.shape[-1], x.device)
     return (None if coords is None else coords.float().contiguous(),
             None if freqs is None else freqs.float().contiguous())
 

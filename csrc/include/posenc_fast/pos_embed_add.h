@@ -33,6 +33,27 @@ struct PosEmbedFwdArgs {
 
 void pos_embed_add_fwd(const PosEmbedFwdArgs& args, int device, cudaStream_t stream);
 
+// FlexVAR: out = x + the grid (C, Gh, Gw) area-resized per scale, the grid read in its
+// own layout (element strides grid_stride = channel, row, cell). `chunks` int32 (Q, 8),
+// one block row per chunk, (t0, cnt, y0, y1, xa, xb, j0, w): window tokens [t0, t0 +
+// cnt), cnt <= kGridChunkTokens, are columns j0.. of a token row of a scale w tokens
+// wide; the row's area windows span grid rows [y0, y1), and column j's cells
+// [j Gw / w, ceil((j + 1) Gw / w)) lie in [xa, xb), both multiples of 8 when Gw is.
+// Empty ranges (y0 == y1, xa == xb): prefix tokens, no embedding. Every token of the
+// window is in one chunk. `out` is contiguous (B, n, C).
+constexpr int kGridChunkTokens = 16;
+
+struct PosEmbedGridFwdArgs {
+  const void* x; DType x_dtype; int64_t x_stride[3];              // (B, n, C)
+  const void* grid; DType grid_dtype; int64_t grid_stride[3];     // (C, Gh, Gw)
+  int64_t Gh, Gw;
+  const int32_t* chunks; int64_t Q;                               // (Q, 8)
+  void* out; DType out_dtype;                                     // (B, n, C) contiguous
+  int64_t B, n, C;
+};
+
+void pos_embed_add_grid_fwd(const PosEmbedGridFwdArgs& args, int device, cudaStream_t stream);
+
 // Backward to the learned table, deterministic (no atomics):
 //   gtok[i, c]   = sum_b grad[b, i, c]                                (fp32 workspace (n, C))
 //   dtable[k, c] = sum_{j in [tptr[k], tptr[k+1])} tw[j] * gtok[ttok[j] - start, c]
