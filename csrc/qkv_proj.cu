@@ -74,6 +74,18 @@ __device__ __forceinline__ float rope_angle(const float* c, const float* f, cons
   return ang;
 }
 
+// cos and sin of pair j of a token with shared freqs: from its row c of a cos/sin
+// table (`table`; the sin row one plane further), or from its coords row c.
+__device__ __forceinline__ void rope_cos_sin(const float* c, int j, const QkvRopeArgs& r, bool table, float& cs,
+                                             float& sn) {
+  if (table) {
+    cs = c[j];
+    sn = c[r.coords_stride[2] + j];
+  } else {
+    sincosf(rope_angle(c, r.freqs + j, r), &sn, &cs);
+  }
+}
+
 template <typename T, int N>
 struct alignas(sizeof(T) * N) VecN {
   T v[N];
@@ -290,12 +302,7 @@ qkv_fwd_kernel(const QkvProjFwdArgs a) {
   if (ROPE && !per_head) {  // block-uniform: every thread reaches the barrier
     for (int j = threadIdx.x; j < R; j += blockDim.x) {
       float s, c;
-      if (table) {
-        c = coord[j];
-        s = coord[a.rope.coords_stride[2] + j];
-      } else {
-        sincosf(rope_angle(coord, a.rope.freqs + j, a.rope), &s, &c);
-      }
+      rope_cos_sin(coord, j, a.rope, table, c, s);
       cos_s[j] = c;
       sin_s[j] = s;
     }
@@ -487,12 +494,7 @@ qkv_bwd_kernel(const QkvProjBwdArgs a, int head_warps) {
         const int r = e / R, j = e - r * R, m = t0 + r, b = m / L;
         const float* c = a.rope.coords + b * a.rope.coords_stride[0] + (m - b * L) * a.rope.coords_stride[1];
         float sn, cs;
-        if (table) {
-          cs = c[j];
-          sn = c[a.rope.coords_stride[2] + j];
-        } else {
-          sincosf(rope_angle(c, a.rope.freqs + j, a.rope), &sn, &cs);
-        }
+        rope_cos_sin(c, j, a.rope, table, cs, sn);
         cos_s[r][j] = cs;
         sin_s[r][j] = sn;
       }

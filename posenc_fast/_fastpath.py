@@ -22,12 +22,17 @@ _functorch_level = torch._C._functorch.peek_interpreter_stack
 _function_modes = torch._C._is_torch_function_mode_enabled
 
 
+def _traced() -> bool:
+    """Compiling, a dispatch or function mode, a functorch transform or a JIT trace:
+    anything that must see the custom op."""
+    return (_is_compiling() or bool(_dispatch_modes()) or _functorch_level() is not None or _function_modes()
+            or torch._C._get_tracing_state() is not None)
+
+
 def eager(*tensors: Optional[torch.Tensor]) -> bool:
-    """Whether a call may bypass its custom op: plain eager mode (not compiling, no
-    dispatch or function mode, no functorch transform, no JIT trace) on plain tensors."""
-    if _is_compiling() or _dispatch_modes() or _functorch_level() is not None or _function_modes():
-        return False
-    if torch._C._get_tracing_state() is not None:
+    """Whether a call may bypass its custom op: plain eager mode (``_traced`` is
+    false) on plain tensors."""
+    if _traced():
         return False
     for t in tensors:
         if t is not None and type(t) not in _PLAIN:
@@ -43,9 +48,7 @@ def route(*tensors: Optional[torch.Tensor]) -> str:
     itself), ``AUTOGRAD`` (plain eager with a gradient: the autograd Function) or
     ``CUSTOM_OP`` (anything traced or transformed): ``eager`` and ``needs_autograd``
     in one pass, for the ops whose whole host time is a few microseconds."""
-    if _is_compiling() or _dispatch_modes() or _functorch_level() is not None or _function_modes():
-        return CUSTOM_OP
-    if torch._C._get_tracing_state() is not None:
+    if _traced():
         return CUSTOM_OP
     grad = torch.is_grad_enabled()
     needs = False
