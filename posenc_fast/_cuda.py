@@ -47,6 +47,23 @@ else:
 
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
+
+def connect(library, exchange_api: bool = True) -> bool:
+    """Tells ``library`` (``_C``, or a stand-in with its API) how its launch plans
+    read torch tensors: through torch's DLPack C exchange API where torch has one
+    (torch.Tensor.__dlpack_c_exchange_api__: a C call per tensor, no Python), else
+    through ``torch.utils.dlpack.to_dlpack`` (one capsule per tensor). Returns
+    whether the exchange API is used; ``exchange_api=False`` forces the fallback."""
+    api = getattr(torch.Tensor, "__dlpack_c_exchange_api__", None) if exchange_api else None
+    return bool(library.set_tensor_exchange(api, torch.utils.dlpack.to_dlpack, _raw_stream, torch.Tensor,
+                                            torch.nn.Parameter))
+
+
+if _C is not None and not _LOAD_ERROR:
+    connect(_C)
+
 
 def load_error() -> Optional[str]:
     return _LOAD_ERROR
@@ -66,9 +83,6 @@ def dtype_code(t: torch.Tensor) -> int:
 
 def ptr(t: Optional[torch.Tensor]) -> int:
     return 0 if t is None else t.data_ptr()
-
-
-_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 
 
 def stream(device: torch.device) -> int:

@@ -11,9 +11,12 @@ argument checks and the backend choice cached per call signature (``PlanCache``)
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Hashable, Optional
+import functools
+from typing import Callable, Dict, Hashable, List, Optional
 
 import torch
+
+from . import _checks
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 _is_compiling = torch.compiler.is_compiling
@@ -82,6 +85,37 @@ def tensor_key(t: Optional[torch.Tensor]) -> Hashable:
     return None if t is None else (t.shape, t.dtype, t.device)
 
 
+_CACHES: List = []  # every plan cache, for clear_plans()
+
+
+def clear_plans() -> None:
+    """Empties every cached plan (tests and benchmarks that swap the CUDA library or
+    the backends' availability call this)."""
+    for cache in _CACHES:
+        cache.clear()
+
+
+def launch_plans() -> Dict[Hashable, tuple]:
+    """The planned CUDA launches of an op, from its non-tensor arguments to
+    ``(alloc, launch, plan, keep)``: ``out = alloc(x)``, then ``launch(plan, out,
+    *tensors)`` launches the library's plan, or returns False (nothing launched) when
+    a tensor's type, device, dtype, shape or strides differ from the call that made
+    the plan, which the library checks in C (csrc/bindings/launch_plan.h). ``keep``
+    holds the tensors whose pointers the plan holds. Grows by one entry per
+    signature with new non-tensor arguments; a new plan replaces the old one."""
+    plans: Dict[Hashable, tuple] = {}
+    _CACHES.append(plans)
+    return plans
+
+
+def output_allocator(x: torch.Tensor, dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``alloc(x)``: a contiguous tensor like ``x`` in ``dtype``, as cheaply as the
+    plan's signature (x contiguous, same dtype) allows."""
+    if dtype == x.dtype and x.is_contiguous() and not _checks._POISON:
+        return torch.empty_like
+    return functools.partial(_checks.empty_like, dtype=dtype)
+
+
 class PlanCache:
     """Validated metadata per call signature. A key holds everything the checks and
     the backend choice read (shapes, dtypes, devices, scalar arguments, the
@@ -91,6 +125,7 @@ class PlanCache:
     def __init__(self, capacity: int = 4096):
         self._plans: Dict[Hashable, object] = {}
         self._capacity = capacity
+        _CACHES.append(self._plans)
 
     def lookup(self, key: Optional[Hashable]):
         """The plan of ``key``, or None (not cached, no key, or an unhashable one)."""

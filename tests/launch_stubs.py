@@ -3,13 +3,16 @@
 Used by the host-overhead benchmark (bench/host_overhead.py) and its guard test
 (tests/test_fast_path.py): the ops run their whole Python path -- checks, backend
 choice, autograd decision, output allocation, launch parameters -- down to the
-launch itself, with no device work and no interpreter.
+launch itself, with no device work and no interpreter. The CUDA library's launch
+plans (csrc/bindings/launch_plan.h) run in the compiled library itself where it is
+built, in its dry-run mode: their C checks of the tensors count, only the launch is
+left out; without it, stand-ins that launch nothing take their place.
 """
 
 import contextlib
 from typing import Iterator
 
-from posenc_fast import _backends, _cuda
+from posenc_fast import _backends, _cuda, _fastpath
 
 
 class _NoLaunch:
@@ -25,10 +28,21 @@ class _NoLaunch:
 
 class _StubLibrary:
     """Stands in for the compiled CUDA library: every entry point returns at once,
-    except the two that size workspaces, which answer like the real ones."""
+    except the two that size workspaces, which answer like the real ones, and the
+    launch plans (the real library's, dry, where it is built)."""
+
+    def __init__(self, real):
+        self._real = real
 
     def __getattr__(self, name):
-        if name == "qkv_proj_bwd_rows_per_chunk":
+        if name == "launch_planned" or name.endswith("_plan"):
+            if self._real is not None:
+                fn = getattr(self._real, name)
+            elif name == "launch_planned":
+                fn = lambda *a: True  # noqa: E731
+            else:
+                fn = lambda *a: object()  # noqa: E731
+        elif name == "qkv_proj_bwd_rows_per_chunk":
             fn = lambda: 64  # noqa: E731
         elif name == "rope_workspace_floats":
             fn = lambda *a: 1  # noqa: E731
@@ -57,7 +71,10 @@ def stubbed_device_work() -> Iterator[None]:
         setattr(obj, name, value)
 
     swap(_backends, "unavailable_reason", lambda name, device=None: None)
-    stub_library = _StubLibrary()
+    real = _cuda._C if _cuda.load_error() is None else None
+    stub_library = _StubLibrary(real)
+    if real is not None:
+        real.set_dry_run(True)
     swap(_cuda, "lib", lambda: stub_library)
     swap(_cuda, "stream", lambda device: 0)  # CPU tensors have no CUDA stream
     import triton
@@ -67,8 +84,12 @@ def stubbed_device_work() -> Iterator[None]:
             if isinstance(obj, (triton.runtime.JITFunction, triton.runtime.Autotuner)) or \
                     type(obj).__name__ in ("InterpretedFunction", "Heuristics"):
                 swap(mod, name, _NoLaunch())
+    _fastpath.clear_plans()  # plans made with the real library (or another stub) stay out
     try:
         yield
     finally:
         for obj, name, value in reversed(saved):
             setattr(obj, name, value)
+        if real is not None:
+            real.set_dry_run(False)
+        _fastpath.clear_plans()

@@ -57,7 +57,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from posenc_fast import _cuda
+import posenc_fast as pf
+from posenc_fast import _backends, _cuda, _fastpath
 from posenc_fast.ops import pos_embed as PE
 from posenc_fast.ops import pyramid as P
 from posenc_fast.ops import qkv_proj as Q
@@ -216,6 +217,8 @@ class _EmulatedLib:
 
     def __getattr__(self, name):
         fn = getattr(self._module, name)
+        if name == "launch_planned" or name.endswith("_plan"):
+            return fn  # plans are made with an int device index
 
         def call(*args):
             if len(args) >= 2 and args[-2] is None:
@@ -238,14 +241,17 @@ def _use(family, emu_builds, sanitizer_dir, monkeypatch):
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         module.emu_set_report_path(str(sanitizer_dir / "report"))
+        _cuda.connect(module)
         _MODULES[family] = module
     module = _MODULES[family]
     module.emu_take_kernels()
     module.emu_set_num_sms(132)
     monkeypatch.setattr(_cuda, "lib", lambda: _EmulatedLib(module))
     monkeypatch.setattr(_cuda, "stream", lambda device: 0)
+    _fastpath.clear_plans()  # launch plans belong to the library that made them
     before = len(_sanitizer_output(sanitizer_dir))
     yield module
+    _fastpath.clear_plans()
     reports = _sanitizer_output(sanitizer_dir)[before:]
     assert not reports, f"sanitizer reports from the emulated kernels:\n{reports[-4000:]}"
 
@@ -1009,3 +1015,138 @@ def test_qkv_proj_backward_launch_fills_whole_waves_at_spec_shapes(emu_qkv, monk
             *g, torch.empty(2, B * L, H), torch.ones(H), coords, freqs, True, False, True, True, False, "cuda"))
     assert "qkv_bwd_kernel" in name and block == (512, 1, 1)
     assert wave_efficiency(math.prod(grid), 2 * 132) >= 0.85, grid
+
+
+# ------------------------------------------------- planned launches (sampling)
+
+class _PlanSpy:
+    """Counts what the emulated library's planned launches answer."""
+
+    def __init__(self, module):
+        self.module, self.answers = module, []
+
+    def __getattr__(self, name):
+        fn = getattr(_EmulatedLib(self.module), name)
+        if name != "launch_planned":
+            return fn
+
+        def launch(*args):
+            self.answers.append(fn(*args))
+            return self.answers[-1]
+
+        return launch
+
+
+@pytest.fixture(params=["exchange_api", "to_dlpack"])
+def planned(request, monkeypatch):
+    """Launch plans read tensors through torch's DLPack exchange API, or through
+    to_dlpack capsules (torch without the API); the public ops take cuda on CPU tensors."""
+    monkeypatch.setattr(_backends, "unavailable_reason", lambda name, device=None: None)
+
+    def use(module):
+        assert _cuda.connect(module, exchange_api=request.param == "exchange_api") == (
+            request.param == "exchange_api" and hasattr(torch.Tensor, "__dlpack_c_exchange_api__"))
+        spy = _PlanSpy(module)
+        monkeypatch.setattr(_cuda, "lib", lambda: spy)
+        return spy
+
+    yield use
+    for module in _MODULES.values():
+        _cuda.connect(module)
+
+
+def _expect_planned(spy, answers):
+    assert spy.answers == answers, spy.answers
+    spy.answers.clear()
+
+
+@pytest.mark.parametrize("dtypes", [(f32, f32, f32), (bf16, bf16, bf16), (f16, f32, f32)])
+def test_pyramid_sampling_runs_planned_launches(emu_pyramid, planned, dtypes):
+    """Scale by scale under no_grad: the first call of each scale checks in Python,
+    launches and makes the plan; the next calls launch the plan. A tensor that
+    differs from the plan's (dtype, layout, shape, subclass, no pos) is not launched
+    by the plan but checked afresh, with the right result."""
+    spy = planned(emu_pyramid)
+    xdt, pdt, ldt = dtypes
+    torch.manual_seed(3)
+    sc = pyr_ref.normalize_scales(SMALL)
+    pos = torch.randn(1, 14, 40, dtype=pdt)
+    lvl = torch.nn.Parameter(torch.randn(3, 40, dtype=ldt))
+    begin = [0, 1, 5]
+    with torch.no_grad():
+        for rep in range(2):
+            for s, (h, w) in enumerate(sc):
+                x = torch.randn(3, h * w, 40, dtype=xdt)
+                out = pf.pyramid_pos_level_add(x, pos, lvl, SMALL, start=begin[s], backend="cuda")
+                _expect_planned(spy, [True] if rep else [])
+                _ran(emu_pyramid, "pyramid_add_fwd_kernel")
+                exp = pyr_ref.pyramid_pos_level_add(x, pos, lvl, sc, start=begin[s])
+                _close(out, exp, FWD_TOL[out.dtype], f"scale {s}, call {rep}")
+        x = torch.randn(3, 4, 40, dtype=xdt)
+
+        def planned_call():
+            pf.pyramid_pos_level_add(x, pos, lvl, SMALL, start=1, backend="cuda")  # (re)makes the plan
+            spy.answers.clear()
+            out = pf.pyramid_pos_level_add(x, pos, lvl, SMALL, start=1, backend="cuda")
+            _expect_planned(spy, [True])
+            return out
+
+        for what, args in {
+            "x transposed": (torch.randn(4, 3, 40, dtype=xdt).transpose(0, 1), pos, lvl),
+            "x of another batch": (torch.randn(2, 4, 40, dtype=xdt), pos, lvl),
+            "pos in another dtype": (x, pos.to(f16 if pdt != f16 else bf16), lvl),
+            "pos column-major": (x, pos[0].t().contiguous().t(), lvl),
+            "no pos": (x, None, lvl),
+            "lvl a subclass": (x, pos, torch.Tensor._make_subclass(_Marked, lvl.detach())),
+        }.items():
+            planned_call()
+            out = pf.pyramid_pos_level_add(*args, SMALL, start=1, backend="cuda")
+            assert spy.answers[:1] == [False], what
+            spy.answers.clear()
+            exp = pyr_ref.pyramid_pos_level_add(*args, sc, start=1)
+            _close(out, exp, FWD_TOL[out.dtype], what)
+        # The plan reads the tables' current storage: in-place and .data updates show.
+        planned_call()
+        pos.mul_(-2.0)
+        lvl.data = torch.randn(3, 40, dtype=ldt)
+        out = pf.pyramid_pos_level_add(x, pos, lvl, SMALL, start=1, backend="cuda")
+        _expect_planned(spy, [True])
+        _close(out, pyr_ref.pyramid_pos_level_add(x, pos, lvl, sc, start=1), FWD_TOL[out.dtype], "after updates")
+
+
+class _Marked(torch.Tensor):
+    pass
+
+
+@pytest.mark.parametrize("kind", ["flexvar", "mae", "sincos_pyramid"])
+def test_pos_embed_sampling_runs_planned_launches(emu_pos_embed, planned, kind):
+    spy = planned(emu_pos_embed)
+    torch.manual_seed(4)
+    scales, prefix = ([1, 2, (2, 3)], 0) if kind != "mae" else ([4], 1)
+    sc = pyr_ref.normalize_scales(scales)
+    tables = (torch.randn(1, 24, 5, 7),) if kind == "flexvar" else ()
+    kw = dict(tables=tables, num_prefix_tokens=prefix)
+    windows = [(0, 1), (1, 4), (5, 6)] if kind != "mae" else [(1, 16)]
+    with torch.no_grad():
+        for rep in range(2):
+            for start, n in windows:
+                x = torch.randn(2, n, 24, dtype=bf16)
+                out = pf.pos_embed_add(x, kind, scales, start=start, backend="cuda", **kw)
+                _expect_planned(spy, [True] if rep else [])
+                _close(out, pe_ref.pos_embed_add(x, kind, sc, start=start, **kw), FWD_TOL[out.dtype],
+                       f"window {start}, call {rep}")
+        start, n = windows[-1]
+        x = torch.randn(2, n, 24, dtype=bf16)
+        cases = {"x strided": (torch.randn(2, n, 48, dtype=bf16)[..., ::2], kw), "x fp32": (x.float(), kw)}
+        if tables:
+            cases["grid in another layout"] = (x, dict(kw, tables=(tables[0].contiguous(
+                memory_format=torch.channels_last),)))
+        for what, (xx, kwargs) in cases.items():
+            pf.pos_embed_add(x, kind, scales, start=start, backend="cuda", **kw)
+            spy.answers.clear()
+            pf.pos_embed_add(x, kind, scales, start=start, backend="cuda", **kw)
+            _expect_planned(spy, [True])
+            out = pf.pos_embed_add(xx, kind, scales, start=start, backend="cuda", **kwargs)
+            assert spy.answers[:1] == [False], what
+            spy.answers.clear()
+            _close(out, pe_ref.pos_embed_add(xx, kind, sc, start=start, **kwargs), FWD_TOL[out.dtype], what)

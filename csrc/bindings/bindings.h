@@ -48,6 +48,7 @@ class Args {
   }
 
   bool failed() const { return failed_; }
+  PyObject* object(int i) const { return slots_[i]; }  // borrowed
   void* ptr(int i);
   int64_t i64(int i);
   int i32(int i);

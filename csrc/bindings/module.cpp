@@ -2,7 +2,7 @@
 // tell (cuda_version, cuda_archs, driver_version()).
 #include <cuda_runtime.h>
 
-#include "bindings.h"
+#include "launch_plan.h"
 
 namespace {
 
@@ -35,7 +35,8 @@ PyMODINIT_FUNC PyInit__C() {
       PyModule_AddFunctions(m, posenc_bind::pyramid_pos_level_add_methods()) < 0 ||
       PyModule_AddFunctions(m, posenc_bind::rope_methods()) < 0 ||
       PyModule_AddFunctions(m, posenc_bind::qkv_proj_methods()) < 0 ||
-      PyModule_AddFunctions(m, posenc_bind::pos_embed_add_methods()) < 0) {
+      PyModule_AddFunctions(m, posenc_bind::pos_embed_add_methods()) < 0 ||
+      PyModule_AddFunctions(m, posenc_bind::launch_plan_methods()) < 0) {
     Py_DECREF(m);
     return nullptr;
   }

@@ -238,43 +238,42 @@ def _sparse_map(kind: str, scales, prefix: int, table_rows: Tuple[int, ...], fra
 
 # -------------------------------------------------------------- custom ops
 
+def _cuda_fwd_args(x, table, cptr, cidx, cw, coords, desc, out, start: int, angle_scale: float) -> Tuple[str, tuple]:
+    """The CUDA library's forward (name, arguments); ``out=None``: those of a launch
+    plan (the tensors x and table in place of their pointers; out and stream given
+    at each launch)."""
+    B, n, C = x.shape
+    dev = x.device
+    if out is None:
+        xa, ta, oa, co, stream = x, table, 0, _cuda.DTYPE_CODES[_out_dtype(x, table)], 0
+    else:
+        xa, ta, oa, co, stream = x.data_ptr(), _cuda.ptr(table), out.data_ptr(), _cuda.dtype_code(out), \
+            _cuda.stream(dev)
+    tc = _cuda.dtype_code(table) if table is not None else 0
+    if table is not None and table.dim() > 2:  # FlexVAR's grid, read in its own layout; its chunk table in cptr
+        return "pos_embed_add_grid_fwd", (
+            xa, _cuda.dtype_code(x), x.stride(), ta, tc, table.stride()[-3:], table.shape[-2], table.shape[-1],
+            cptr.data_ptr(), cptr.shape[0], oa, co, B, n, C, dev.index or 0, stream)
+    per_batch = coords is not None and coords.dim() == 3
+    return "pos_embed_add_fwd", (
+        xa, _cuda.dtype_code(x), x.stride(), ta, tc, table.stride() if table is not None else (0, 0),
+        _cuda.ptr(cptr), _cuda.ptr(cidx), _cuda.ptr(cw), _cuda.ptr(coords), coords.stride(0) if per_batch else 0,
+        _cuda.ptr(desc), oa, co, B, n, C, start, angle_scale, dev.index or 0, stream)
+
+
 def _launch_fwd(x, table, cptr, cidx, cw, coords, desc, out, start: int, angle_scale: float, backend: str) -> None:
     """``table`` (K, C) with its CSR map (cptr, cidx, cw), or FlexVAR's grid (any
     layout, 3 or 4 dimensions) with its chunk table in ``cptr``; or None."""
-    if table is not None and table.dim() > 2:
-        _launch_grid_fwd(x, table, cptr, out, backend)
-    elif backend == "triton":
-        from ..triton_kernels import pos_embed_add as tk
-
-        tk.pos_embed_add_fwd(x, table, cptr, cidx, cw, coords, desc, out, start=start, angle_scale=angle_scale)
-    elif backend == "cuda":
-        B, n, C = x.shape
-        per_batch = coords is not None and coords.dim() == 3
-        dev = x.device
-        _cuda.lib().pos_embed_add_fwd(
-            x.data_ptr(), _cuda.dtype_code(x), x.stride(),
-            _cuda.ptr(table), _cuda.dtype_code(table) if table is not None else 0,
-            table.stride() if table is not None else (0, 0),
-            _cuda.ptr(cptr), _cuda.ptr(cidx), _cuda.ptr(cw),
-            _cuda.ptr(coords), coords.stride(0) if per_batch else 0, _cuda.ptr(desc),
-            out.data_ptr(), _cuda.dtype_code(out), B, n, C, start, angle_scale,
-            dev.index, _cuda.stream(dev))
-    else:
-        raise ValueError(f"posenc_fast::{OP} has no kernel for backend {backend!r}")
-
-
-def _launch_grid_fwd(x, grid, chunks, out, backend: str) -> None:
     if backend == "triton":
         from ..triton_kernels import pos_embed_add as tk
 
-        tk.pos_embed_grid_fwd(x, grid, chunks, out)
+        if table is not None and table.dim() > 2:
+            tk.pos_embed_grid_fwd(x, table, cptr, out)
+        else:
+            tk.pos_embed_add_fwd(x, table, cptr, cidx, cw, coords, desc, out, start=start, angle_scale=angle_scale)
     elif backend == "cuda":
-        B, n, C = x.shape
-        dev = x.device
-        _cuda.lib().pos_embed_add_grid_fwd(
-            x.data_ptr(), _cuda.dtype_code(x), x.stride(), grid.data_ptr(), _cuda.dtype_code(grid),
-            grid.stride()[-3:], grid.shape[-2], grid.shape[-1], chunks.data_ptr(), chunks.shape[0], out.data_ptr(),
-            _cuda.dtype_code(out), B, n, C, dev.index, _cuda.stream(dev))
+        fn, args = _cuda_fwd_args(x, table, cptr, cidx, cw, coords, desc, out, start, angle_scale)
+        getattr(_cuda.lib(), fn)(*args)
     else:
         raise ValueError(f"posenc_fast::{OP} has no kernel for backend {backend!r}")
 
@@ -352,6 +351,9 @@ _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 _checks.refuse_double_backward(_bwd_op, OP)
 _Function = _fastpath.autograd_function(_forward, _setup_context, _backward, "PosEmbedAdd")
 _PLANS = _fastpath.PlanCache()
+_LAUNCHES = _fastpath.launch_plans()
+_grad_enabled = torch.is_grad_enabled
+_traced = _fastpath._traced
 
 
 # -------------------------------------------------------------- validation
@@ -556,8 +558,27 @@ def pos_embed_add(x: torch.Tensor, kind: str, patch_nums: Sequence[Scale], *, st
     Gradients flow to x and to the learned tables (deterministic).
     """
     requested = _backends.requested_backend(backend)
-    # Written for host time (bench/host_overhead.py): the key is built inline from
-    # the arguments as given, the options dict only when a signature is new.
+    # Written for host time (bench/host_overhead.py): first the CUDA launch plan of
+    # the non-tensor arguments, whose tensors the library checks in C (the kinds
+    # whose kernel inputs are all cached or given: not SAM's, DETR's masked, nor the
+    # stacked tables of NaViT / Pix2Struct).
+    try:
+        fast = _LAUNCHES.get((requested, kind, patch_nums if type(patch_nums) is tuple else tuple(patch_nums), start,
+                              num_prefix_tokens, temperature, interleave, reverse_coord, normalize, scale, fractional)
+                             ) if gaussian is None and mask is None and len(tables) < 2 else None
+    except TypeError:  # unhashable or not a sequence: the checks below say what is wrong
+        fast = None
+    if fast is not None and not _grad_enabled() and not _traced():
+        alloc, launch, plan, _ = fast
+        try:
+            out = alloc(x)
+        except TypeError:  # x is no tensor: the checks below say so
+            pass
+        else:
+            if launch(plan, out, x, tables[0] if tables else None):
+                return out
+    # Then the plan of the whole signature: the key is built inline from the
+    # arguments as given, the options dict only when a signature is new.
     try:
         key = (requested, x.shape, x.dtype, x.device, kind,
                patch_nums if type(patch_nums) is tuple else tuple(patch_nums), start,
@@ -582,6 +603,13 @@ def pos_embed_add(x: torch.Tensor, kind: str, patch_nums: Sequence[Scale], *, st
     if route is _fastpath.DIRECT:
         out = _checks.empty_like(x, dtype=out_dtype)  # the plan's dtype: no promotion on the host per call
         _launch_fwd(x, table, cptr, cidx, cw, coords, desc, out, start, angle_scale, name)
+        if name == "cuda" and key is not None and gaussian is None and mask is None and len(tables) < 2:
+            lib = _cuda.lib()
+            fn, plan_args = _cuda_fwd_args(x, table, cptr, cidx, cw, coords, desc, None, start, angle_scale)
+            _LAUNCHES[(requested, kind, key[5], start, num_prefix_tokens, temperature, interleave, reverse_coord,
+                       normalize, scale, fractional)] = (
+                _fastpath.output_allocator(x, out_dtype), lib.launch_planned, getattr(lib, fn + "_plan")(*plan_args),
+                static)
         return out
     if route is _fastpath.AUTOGRAD:
         return _Function.apply(*args)

@@ -67,6 +67,24 @@ def _dtype_codes(x, pos, lvl, out_dtype) -> Tuple[int, int, int, int]:
             codes.get(out_dtype, -1))
 
 
+def _cuda_fwd_args(x: torch.Tensor, pos: Optional[torch.Tensor], lvl: torch.Tensor, meta: torch.Tensor,
+                   out: Optional[torch.Tensor], start: int, pos_weight: float, sincos_weight: float,
+                   codes: Tuple[int, int, int, int]) -> tuple:
+    """The CUDA library's forward arguments; ``out=None``: those of a launch plan
+    (the tensors x, pos, lvl in place of their pointers; out and stream given at
+    each launch)."""
+    B, n, C = x.shape
+    cx, cp, cl, co = codes
+    dev = x.device
+    if out is None:
+        xa, pa, la, oa, stream = x, pos, lvl, 0, 0
+    else:
+        xa, pa, la = x.data_ptr(), 0 if pos is None else pos.data_ptr(), lvl.data_ptr()
+        oa, stream = out.data_ptr(), _cuda.stream(dev)
+    return (xa, cx, x.stride(), pa, cp, (0, 0) if pos is None else pos.stride()[-2:], la, cl, lvl.stride(),
+            meta.data_ptr(), oa, co, B, n, C, start, pos_weight, sincos_weight, dev.index or 0, stream)
+
+
 def _launch_fwd(x: torch.Tensor, pos: Optional[torch.Tensor], lvl: torch.Tensor, meta: torch.Tensor,
                 out: torch.Tensor, start: int, pos_weight: float, sincos_weight: float, backend: str,
                 codes: Optional[Tuple[int, int, int, int]] = None) -> None:
@@ -78,14 +96,8 @@ def _launch_fwd(x: torch.Tensor, pos: Optional[torch.Tensor], lvl: torch.Tensor,
         tk.pyramid_pos_level_add_fwd(x, pos, lvl, meta, out, start=start, pos_weight=pos_weight,
                                      sincos_weight=sincos_weight)
     elif backend == "cuda":
-        B, n, C = x.shape
-        cx, cp, cl, co = codes or _dtype_codes(x, pos, lvl, out.dtype)
-        dev = x.device
-        _cuda.lib().pyramid_pos_level_add_fwd(
-            x.data_ptr(), cx, x.stride(), 0 if pos is None else pos.data_ptr(), cp,
-            (0, 0) if pos is None else pos.stride()[-2:], lvl.data_ptr(), cl, lvl.stride(),
-            meta.data_ptr(), out.data_ptr(), co, B, n, C, start,
-            pos_weight, sincos_weight, dev.index, _cuda.stream(dev))
+        _cuda.lib().pyramid_pos_level_add_fwd(*_cuda_fwd_args(
+            x, pos, lvl, meta, out, start, pos_weight, sincos_weight, codes or _dtype_codes(x, pos, lvl, out.dtype)))
     else:
         raise ValueError(f"posenc_fast::{OP} has no kernel for backend {backend!r}")
 
@@ -175,6 +187,9 @@ _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 _checks.refuse_double_backward(_bwd_op, OP)
 _Function = _fastpath.autograd_function(_forward, _setup_context, _backward, "PyramidPosLevelAdd")
 _PLANS = _fastpath.PlanCache()
+_LAUNCHES = _fastpath.launch_plans()
+_grad_enabled = torch.is_grad_enabled
+_traced = _fastpath._traced
 
 
 def _validate(x, pos, lvl, patch_nums, start, pos_weight, sincos_weight):
@@ -245,8 +260,24 @@ def pyramid_pos_level_add(x: torch.Tensor, pos: Optional[torch.Tensor], lvl: tor
     """
     requested = _backends.requested_backend(backend)
     # Written for host time: at sampling sizes this function is the op's whole cost,
-    # against one eager add (bench/host_overhead.py). The key is built inline (no
-    # helper calls); a cached plan skips every check that reads only what it holds.
+    # against one eager add (bench/host_overhead.py). First the CUDA launch plan of
+    # the non-tensor arguments, whose tensors the library checks in C.
+    try:
+        fast = _LAUNCHES.get((requested, patch_nums if type(patch_nums) is tuple else tuple(patch_nums), start,
+                              pos_weight, sincos_weight))
+    except TypeError:  # unhashable or not a sequence: the checks below say what is wrong
+        fast = None
+    if fast is not None and not _grad_enabled() and not _traced():
+        alloc, launch, plan, _ = fast
+        try:
+            out = alloc(x)
+        except TypeError:  # x is no tensor: the checks below say so
+            pass
+        else:
+            if launch(plan, out, x, pos, lvl):
+                return out
+    # Then the plan of the whole signature: its key is built inline (no helper
+    # calls); a cached plan skips every check that reads only what it holds.
     try:
         key = (requested, x.shape, x.dtype, x.device, None if pos is None else (pos.shape, pos.dtype, pos.device),
                lvl.shape, lvl.dtype, lvl.device, patch_nums if type(patch_nums) is tuple else tuple(patch_nums),
@@ -256,15 +287,20 @@ def pyramid_pos_level_add(x: torch.Tensor, pos: Optional[torch.Tensor], lvl: tor
     plan = _PLANS.lookup(key)
     if plan is None:
         plan = _PLANS.get(key, lambda: _plan(x, pos, lvl, patch_nums, start, pos_weight, sincos_weight, requested))
-    name, scales, flat, out_dtype, meta, pos_weight, sincos_weight, codes = plan
+    name, scales, flat, out_dtype, meta, pw, sw, codes = plan
     if name == "reference":
-        return ref.pyramid_pos_level_add(x, pos, lvl, scales, start=start, pos_weight=pos_weight,
-                                         sincos_weight=sincos_weight)
+        return ref.pyramid_pos_level_add(x, pos, lvl, scales, start=start, pos_weight=pw, sincos_weight=sw)
     route = _fastpath.route(x, pos, lvl)
     if route is _fastpath.DIRECT:
         out = _checks.empty_like(x, dtype=out_dtype)
-        _launch_fwd(x, pos, lvl, meta, out, start, pos_weight, sincos_weight, name, codes)
+        _launch_fwd(x, pos, lvl, meta, out, start, pw, sw, name, codes)
+        if name == "cuda" and key is not None:
+            lib = _cuda.lib()
+            _LAUNCHES[(key[0], key[8], start, pos_weight, sincos_weight)] = (
+                _fastpath.output_allocator(x, out_dtype), lib.launch_planned,
+                lib.pyramid_pos_level_add_fwd_plan(*_cuda_fwd_args(x, pos, lvl, meta, None, start, pw, sw, codes)),
+                meta)
         return out
     if route is _fastpath.AUTOGRAD:
-        return _Function.apply(x, pos, lvl, flat, start, pos_weight, sincos_weight, name)
-    return _fwd_op(x, pos, lvl, flat, start, pos_weight, sincos_weight, name)
+        return _Function.apply(x, pos, lvl, flat, start, pw, sw, name)
+    return _fwd_op(x, pos, lvl, flat, start, pw, sw, name)

@@ -4,7 +4,7 @@
 // name) and POSENC_EMU_METHODS (the family's posenc_bind::<family>_methods).
 #include <sanitizer/common_interface_defs.h>
 
-#include "bindings.h"
+#include "launch_plan.h"
 
 #define EMU_CAT2(a, b) a##b
 #define EMU_CAT(a, b) EMU_CAT2(a, b)
@@ -76,6 +76,8 @@ PyModuleDef module_def = {PyModuleDef_HEAD_INIT, EMU_STR(POSENC_EMU_MODULE), nul
 
 PyMODINIT_FUNC EMU_CAT(PyInit_, POSENC_EMU_MODULE)() {
   PyObject* m = PyModule_Create(&module_def);
-  if (m && PyModule_AddFunctions(m, posenc_bind::POSENC_EMU_METHODS()) < 0) Py_CLEAR(m);
+  if (m && (PyModule_AddFunctions(m, posenc_bind::POSENC_EMU_METHODS()) < 0 ||
+            PyModule_AddFunctions(m, posenc_bind::launch_plan_methods()) < 0))
+    Py_CLEAR(m);
   return m;
 }
