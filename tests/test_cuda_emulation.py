@@ -123,7 +123,7 @@ def _cache_key(family):
     cu, binding = FAMILIES[family]
     h = hashlib.sha256()
     inputs = [EMU / "emu.h", EMU / "prep.py", EMU / "module.cpp", CSRC / f"{cu}.cu",
-              CSRC / "bindings" / f"{binding}.cpp", CSRC / "bindings" / "bindings.h", CSRC / "device_utils.cuh",
+              CSRC / "bindings" / f"{binding}.cpp", *sorted((CSRC / "bindings").glob("*.h")), CSRC / "device_utils.cuh",
               *sorted((CSRC / "include" / "posenc_fast").glob("*.h"))]
     for p in inputs:
         h.update(str(p).encode() + b"\0" + p.read_bytes() + b"\0")
