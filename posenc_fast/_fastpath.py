@@ -108,6 +108,17 @@ def launch_plans() -> Dict[Hashable, tuple]:
     return plans
 
 
+def launch_planned(plan: tuple, x, *tensors) -> Optional[torch.Tensor]:
+    """The output of ``plan`` (a ``launch_plans`` entry) launched on ``x`` and the
+    op's other tensors, or None when it does not take them (nothing launched)."""
+    alloc, launch, capsule, _ = plan
+    try:
+        out = alloc(x)
+    except TypeError:  # x is no tensor: the op's checks say so
+        return None
+    return out if launch(capsule, out, x, *tensors) else None
+
+
 def output_allocator(x: torch.Tensor, dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
     """``alloc(x)``: a contiguous tensor like ``x`` in ``dtype``, as cheaply as the
     plan's signature (x contiguous, same dtype) allows."""

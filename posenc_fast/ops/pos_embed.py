@@ -562,20 +562,17 @@ def pos_embed_add(x: torch.Tensor, kind: str, patch_nums: Sequence[Scale], *, st
     # the non-tensor arguments, whose tensors the library checks in C (the kinds
     # whose kernel inputs are all cached or given: not SAM's, DETR's masked, nor the
     # stacked tables of NaViT / Pix2Struct).
-    try:
-        fast = _LAUNCHES.get((requested, kind, patch_nums if type(patch_nums) is tuple else tuple(patch_nums), start,
-                              num_prefix_tokens, temperature, interleave, reverse_coord, normalize, scale, fractional)
-                             ) if gaussian is None and mask is None and len(tables) < 2 else None
-    except TypeError:  # unhashable or not a sequence: the checks below say what is wrong
-        fast = None
-    if fast is not None and not _grad_enabled() and not _traced():
-        alloc, launch, plan, _ = fast
+    # (Grad mode and tracing first: a compiled graph must not guard on the plans.)
+    if not _grad_enabled() and not _traced() and gaussian is None and mask is None:
         try:
-            out = alloc(x)
-        except TypeError:  # x is no tensor: the checks below say so
-            pass
-        else:
-            if launch(plan, out, x, tables[0] if tables else None):
+            fast = _LAUNCHES.get((requested, kind, patch_nums if type(patch_nums) is tuple else tuple(patch_nums),
+                                  start, num_prefix_tokens, temperature, interleave, reverse_coord, normalize, scale,
+                                  fractional)) if len(tables) < 2 else None
+        except TypeError:  # unhashable or not a sequence: the checks below say what is wrong
+            fast = None
+        if fast is not None:
+            out = _fastpath.launch_planned(fast, x, tables[0] if tables else None)
+            if out is not None:
                 return out
     # Then the plan of the whole signature: the key is built inline from the
     # arguments as given, the options dict only when a signature is new.

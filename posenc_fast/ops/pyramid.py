@@ -262,19 +262,16 @@ def pyramid_pos_level_add(x: torch.Tensor, pos: Optional[torch.Tensor], lvl: tor
     # Written for host time: at sampling sizes this function is the op's whole cost,
     # against one eager add (bench/host_overhead.py). First the CUDA launch plan of
     # the non-tensor arguments, whose tensors the library checks in C.
-    try:
-        fast = _LAUNCHES.get((requested, patch_nums if type(patch_nums) is tuple else tuple(patch_nums), start,
-                              pos_weight, sincos_weight))
-    except TypeError:  # unhashable or not a sequence: the checks below say what is wrong
-        fast = None
-    if fast is not None and not _grad_enabled() and not _traced():
-        alloc, launch, plan, _ = fast
+    # (Grad mode and tracing first: a compiled graph must not guard on the plans.)
+    if not _grad_enabled() and not _traced():
         try:
-            out = alloc(x)
-        except TypeError:  # x is no tensor: the checks below say so
-            pass
-        else:
-            if launch(plan, out, x, pos, lvl):
+            fast = _LAUNCHES.get((requested, patch_nums if type(patch_nums) is tuple else tuple(patch_nums), start,
+                                  pos_weight, sincos_weight))
+        except TypeError:  # unhashable or not a sequence: the checks below say what is wrong
+            fast = None
+        if fast is not None:
+            out = _fastpath.launch_planned(fast, x, pos, lvl)
+            if out is not None:
                 return out
     # Then the plan of the whole signature: its key is built inline (no helper
     # calls); a cached plan skips every check that reads only what it holds.
