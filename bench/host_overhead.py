@@ -12,10 +12,14 @@ benchmark measures that cost on any machine:
   Each fused op runs its real Python path (argument checks, backend choice, autograd
   decision, output allocation, launch-parameter computation) down to the kernel
   launch, which is replaced by a no-op: ``kernel[grid](...)`` for Triton, the
-  compiled library's entry point for CUDA. Excluded, and so measured only on a GPU:
-  Triton's own launcher (argument binding, specialisation key) and the binding's
-  argument parsing. The eager baselines run for real on tiny CPU tensors, so their
-  figures include a little arithmetic as well as dispatch.
+  compiled library's entry point for CUDA. The CUDA library's launch plans (the
+  sampling path of pyramid_pos_level_add and pos_embed_add) run in the compiled
+  library itself, in its dry-run mode: their C checks of the tensors are measured,
+  only the launch is left out. Excluded, and so measured only on a GPU: Triton's own
+  launcher (argument binding, specialisation key), the binding's argument parsing
+  of the other entry points, and the CUDA launch itself (for eager code too). The
+  eager baselines run for real on tiny CPU tensors, so their figures include a
+  little arithmetic as well as dispatch.
 * ``--mode real`` (a GPU): every call launches for real; per-call wall time over a
   loop with one synchronisation at the end, which is host-bound at these sizes.
 
@@ -48,6 +52,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import posenc_fast as pf  # noqa: E402
+from posenc_fast import _cuda  # noqa: E402
 from posenc_fast.integrations import var as var_integration  # noqa: E402
 from launch_stubs import stubbed_device_work  # noqa: E402
 from harness import git_commit, versions  # noqa: E402
@@ -243,14 +248,16 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, object]]:
     stub = contextlib.nullcontext() if real else stubbed_device_work()
     machine = torch.cuda.get_device_name() if real else (platform.processor() or platform.machine())
     records = []
+    plans = "launched" if real else ("the compiled library's, dry run" if _cuda.load_error() is None
+                                      else "stand-ins (CUDA library not built)")
     print(f"host time per call, us ({args.mode} mode, {machine}, torch {torch.__version__}, "
-          f"{os.cpu_count()} CPUs)")
+          f"{os.cpu_count()} CPUs; CUDA launch plans: {plans})")
     print(f"{'op':24s} {'workload':58s} {'eager':>7s} {'triton':>7s} {'cuda':>7s}")
     with stub, torch.no_grad():
         for op, workload, fused, eager, ctx in cases(device, args.quick, tiny=not real):
             with ctx():
                 us = per_call_us({"eager": eager, **fused}, calls=calls, rounds=rounds, sync=sync)
-            rec = {"kind": "host_overhead", "op": op, "workload": workload, "mode": args.mode,
+            rec = {"kind": "host_overhead", "op": op, "workload": workload, "mode": args.mode, "launch_plans": plans,
                    "device": machine, **{f"{k}_version": v for k, v in versions().items()},
                    "commit": git_commit(), "eager_us": us["eager"], "triton_us": us["triton"],
                    "cuda_us": us["cuda"]}

@@ -201,3 +201,27 @@ def test_cached_sampling_calls_dispatch_only_q_and_the_cache_views(backend, monk
                                             backend=backend))
     want = ["aten::empty"] * 2 + ([] if backend == "triton" else ["aten::linear"]) + ["aten::slice"] * 2
     assert ops == want, ops
+
+
+def test_compiled_sampling_calls_do_not_guard_on_the_plan_caches():
+    """A compiled no-grad call traces the custom op: new eager plans (of the checks and
+    of CUDA launches) made after it must not make it recompile."""
+    from launch_stubs import stubbed_device_work
+
+    x, pos, lvl = _pyramid_args()
+    graphs = []
+
+    def count(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad(), stubbed_device_work():
+        pf.pyramid_pos_level_add(x, pos, lvl, PN, start=0, backend="cuda")  # plans for start 0
+        f = torch.compile(lambda x: pf.pyramid_pos_level_add(x, pos, lvl, PN, start=0, backend="cuda"),
+                          fullgraph=True, backend=count)
+        f(x)
+        pf.pyramid_pos_level_add(x[:, 1:], pos, lvl, PN, start=1, backend="cuda")  # new plans
+        pf.pos_embed_add(x, "mae", [(2, 7)], backend="cuda")
+        f(x)
+    assert len(graphs) == 1

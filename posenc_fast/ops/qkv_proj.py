@@ -554,8 +554,9 @@ def qkv_proj(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
     # The fused path needs no autocast guard: its inputs are cast already, and the
     # only autocast-aware op it calls (the CUDA backend's F.linear) then keeps them.
     rot_in, rot_f = _kernel_rotation(x, coords, freqs, cos, sin)
-    params = (x, weight, None if bias is None else bias.contiguous(),
-              None if q_scale is None else q_scale.float().contiguous(), rot_in, rot_f)
+    if q_scale is not None and not (q_scale.dtype is torch.float32 and q_scale.is_contiguous()):
+        q_scale = q_scale.float().contiguous()  # (a call that changes nothing still dispatches: skipped)
+    params = (x, weight, None if bias is None else bias.contiguous(), q_scale, rot_in, rot_f)
     if kv_cache is not None:
         k_cache, v_cache = kv_cache
         args = params + (k_cache, v_cache, cache_start, num_heads, qk_l2norm, pairing == "half", name)
