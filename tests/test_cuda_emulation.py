@@ -119,12 +119,24 @@ def _compile_jobs(family, src_cpp, build):
     ]
 
 
-def _cache_key(family):
-    cu, binding = FAMILIES[family]
+def _load_prep():
+    spec = importlib.util.spec_from_file_location("posenc_emu_prep", EMU / "prep.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_PREP = _load_prep()
+
+
+def _cache_key(family, read):
+    """Hash of the build's inputs; ``read``: the files prep.py read for the family's .cu
+    (the .cu, the headers it inlined and the public headers it checked)."""
+    _, binding = FAMILIES[family]
     h = hashlib.sha256()
-    inputs = [EMU / "emu.h", EMU / "prep.py", EMU / "module.cpp", CSRC / f"{cu}.cu",
-              CSRC / "bindings" / f"{binding}.cpp", *sorted((CSRC / "bindings").glob("*.h")), CSRC / "device_utils.cuh",
-              *sorted((CSRC / "include" / "posenc_fast").glob("*.h"))]
+    inputs = [EMU / "emu.h", EMU / "prep.py", EMU / "module.cpp", *read,
+              CSRC / "bindings" / f"{binding}.cpp", *sorted((CSRC / "bindings").glob("*.h")),
+              *sorted((CSRC / "include" / "posenc_fast").glob("*.h"))]  # the binding's headers
     for p in inputs:
         h.update(str(p).encode() + b"\0" + p.read_bytes() + b"\0")
     cxx = os.environ.get("CXX", "g++")
@@ -145,16 +157,15 @@ def _compile(cmd):
 def _build(family):
     """Path of the emulated extension of ``family``, built unless cached."""
     cxx = os.environ.get("CXX", "g++")
-    cache = Path(tempfile.gettempdir()) / "posenc_fast_cuda_emulation" / f"{family}-{_cache_key(family)}"
+    kernels, read = _PREP.expand(CSRC / f"{FAMILIES[family][0]}.cu")
+    cache = Path(tempfile.gettempdir()) / "posenc_fast_cuda_emulation" / f"{family}-{_cache_key(family, read)}"
     target = cache / f"posenc_emu_{family}{EXT_SUFFIX}"
     if target.is_file():
         return target
     cache.parent.mkdir(parents=True, exist_ok=True)
     build = Path(tempfile.mkdtemp(prefix=f"{family}-", dir=cache.parent))
     src_cpp = build / "kernels.cpp"
-    with src_cpp.open("w") as f:
-        subprocess.run([sys.executable, str(EMU / "prep.py"), str(CSRC / f"{FAMILIES[family][0]}.cu")],
-                       stdout=f, check=True)
+    src_cpp.write_text(kernels)
     with ThreadPoolExecutor(3) as pool:
         results = list(pool.map(_compile, [[cxx, *job] for job in _compile_jobs(family, src_cpp, build)]))
     failed = [r.stdout for r in results if r.returncode]
