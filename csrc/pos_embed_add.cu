@@ -22,49 +22,11 @@
 namespace posenc {
 namespace {
 
-__device__ __forceinline__ float load_any(const void* p, int64_t i, DType t) {
-  switch (t) {
-    case DType::kFloat16: return __half2float(static_cast<const __half*>(p)[i]);
-    case DType::kBFloat16: return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
-    default: return static_cast<const float*>(p)[i];
-  }
-}
-
-__device__ __forceinline__ void store_any(void* p, int64_t i, DType t, float v) {
-  switch (t) {
-    case DType::kFloat16: static_cast<__half*>(p)[i] = __float2half_rn(v); return;
-    case DType::kBFloat16: static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(v); return;
-    default: static_cast<float*>(p)[i] = v;
-  }
-}
-
 __device__ __forceinline__ float fixed_value(const float* coords, const float* desc, int64_t g, int64_t c,
                                              float angle_scale) {
   const float y = coords[3 * g], x = coords[3 * g + 1], weight = coords[3 * g + 2];
   const float angle = (y * desc[3 * c] + x * desc[3 * c + 1]) * angle_scale;
   return weight * (desc[3 * c + 2] != 0.f ? cosf(angle) : sinf(angle));
-}
-
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Pack {
-  T v[N];
-};
-
-// out[oo + v] = x[xo + (c0 + v) * x_stride_c] + e[v], v < VEC: xo the offset of x's
-// (image, token) row (VEC > 1: one 16-byte load of x and one store of out; the host
-// guarantees unit channel stride, C % VEC == 0 and aligned rows).
-template <typename TX, typename TO, int VEC>
-__device__ __forceinline__ void store_sum(const TX* __restrict__ x, int64_t xo, int64_t c0, int64_t x_stride_c,
-                                          TO* __restrict__ out, int64_t oo, const float (&e)[VEC]) {
-  if constexpr (VEC > 1) {
-    const Pack<TX, VEC> xv = *reinterpret_cast<const Pack<TX, VEC>*>(x + xo + c0);
-    Pack<TO, VEC> ov;
-#pragma unroll
-    for (int v = 0; v < VEC; ++v) ov.v[v] = from_float<TO>(to_float<TX>(xv.v[v]) + e[v]);
-    *reinterpret_cast<Pack<TO, VEC>*>(out + oo) = ov;
-  } else {
-    out[oo] = from_float<TO>(to_float<TX>(x[xo + c0 * x_stride_c]) + e[0]);
-  }
 }
 
 // Each thread owns VEC consecutive channels of one token (VEC > 1: one 16-byte
@@ -113,33 +75,22 @@ __global__ void pos_embed_fwd_kernel(const PosEmbedFwdArgs a, int64_t batch_per_
 template <typename TX, typename TO>
 void launch_fwd(const PosEmbedFwdArgs& a, int device, cudaStream_t stream) {
   constexpr int kVec = 16 / sizeof(TX);
-  const auto aligned = [](const void* p, size_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; };
-  // The out pack is kVec elements of TO: 32 bytes for 16-bit x with fp32 out, so out
-  // needs that alignment too.
-  const bool vec = a.x_stride[2] == 1 && a.C % kVec == 0 && a.x_stride[0] % kVec == 0 &&
-                   a.x_stride[1] % kVec == 0 && aligned(a.x, alignof(Pack<TX, kVec>)) &&
-                   aligned(a.out, alignof(Pack<TO, kVec>));
-  const int vec_width = vec ? kVec : 1;
-  const int64_t lanes = (a.C + vec_width - 1) / vec_width;
-  const int bx = static_cast<int>(std::min<int64_t>(128, ((lanes + 31) / 32) * 32));
-  const int by = std::max(1, 256 / bx);
-  const unsigned gx = ceil_div(a.n, by), gy = ceil_div(lanes, bx);
+  const bool vec = token_packs_fit<TX, TO, kVec>(a.x, a.x_stride, a.C, a.out);
   // Each block reuses its embedding for its slice of the batch (grid.z), sliced for
   // whole waves as in the pyramid forward; <= 32 registers leave the thread limit
   // binding (the per-image variants take up to 44: DETR's masked case gets estimated waves).
-  const int64_t per_block = batch_per_block(int64_t(gx) * gy, a.B, thread_bound_slots(bx * by, device));
-  const dim3 grid(gx, gy, static_cast<unsigned>((a.B + per_block - 1) / per_block));
-  const dim3 block(bx, by);
+  const TokenLaunch l =
+      token_launch(a.n, a.C, vec ? kVec : 1, a.B, [&](int threads) { return thread_bound_slots(threads, device); });
   if (a.coords && a.coords_image_stride != 0) {
     if (vec)
-      pos_embed_fwd_kernel<TX, TO, kVec, true><<<grid, block, 0, stream>>>(a, per_block);
+      pos_embed_fwd_kernel<TX, TO, kVec, true><<<l.grid, l.block, 0, stream>>>(a, l.batch_per_block);
     else
-      pos_embed_fwd_kernel<TX, TO, 1, true><<<grid, block, 0, stream>>>(a, per_block);
+      pos_embed_fwd_kernel<TX, TO, 1, true><<<l.grid, l.block, 0, stream>>>(a, l.batch_per_block);
   } else {
     if (vec)
-      pos_embed_fwd_kernel<TX, TO, kVec, false><<<grid, block, 0, stream>>>(a, per_block);
+      pos_embed_fwd_kernel<TX, TO, kVec, false><<<l.grid, l.block, 0, stream>>>(a, l.batch_per_block);
     else
-      pos_embed_fwd_kernel<TX, TO, 1, false><<<grid, block, 0, stream>>>(a, per_block);
+      pos_embed_fwd_kernel<TX, TO, 1, false><<<l.grid, l.block, 0, stream>>>(a, l.batch_per_block);
   }
   check_last_launch("pos_embed_fwd_kernel");
 }
@@ -258,10 +209,7 @@ __global__ void __launch_bounds__(kGridLanes * kGridChunkTokens, kGridBlocksPerS
 template <typename TX, typename TO>
 void launch_grid_fwd(const PosEmbedGridFwdArgs& a, int device, cudaStream_t stream) {
   constexpr int kVec = 16 / sizeof(TX);
-  const auto aligned = [](const void* p, size_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; };
-  const bool vec = a.x_stride[2] == 1 && a.C % kVec == 0 && a.x_stride[0] % kVec == 0 &&
-                   a.x_stride[1] % kVec == 0 && aligned(a.x, alignof(Pack<TX, kVec>)) &&
-                   aligned(a.out, alignof(Pack<TO, kVec>));
+  const bool vec = token_packs_fit<TX, TO, kVec>(a.x, a.x_stride, a.C, a.out);
   // 16-byte loads of 8 cells: unit cell stride, rows and channels on 8-cell (16- or
   // 32-byte) boundaries; the chunks' cell ranges are then multiples of 8 too.
   const bool grid_vec = a.grid_stride[2] == 1 && a.grid_stride[1] % 8 == 0 && a.grid_stride[0] % 8 == 0 &&
@@ -286,66 +234,29 @@ void launch_grid_fwd(const PosEmbedGridFwdArgs& a, int device, cudaStream_t stre
   check_last_launch("pos_embed_grid_fwd_kernel");
 }
 
-constexpr int kBwdThreadsX = 32;  // channel vectors per block (a warp: coalesced)
-constexpr int kBwdLanes = 8;       // threads along the batch
-constexpr int kBwdMaxRows = 4;     // tokens per block, chosen for whole waves
+constexpr int kBwdMaxRows = 4;  // tokens per block, chosen for whole waves
 
-// Each thread owns VEC consecutive channels (one 16-byte load per batch row when the
-// host allows it) and a stride of the batch; the lanes' sums meet in shared memory,
-// double-buffered by token so that one barrier per token separates writes and reads.
-// 32 registers (8 blocks per SM: the thread limit binds) spill nothing and let the
-// host size the grid for whole waves.
+// Per token of the block's rows, the batch sum of its gradient (batch_row_sums) into
+// the fp32 workspace. 32 registers (8 blocks per SM: the thread limit binds) spill
+// nothing and let the host size the grid for whole waves.
 template <typename TG, int VEC>
-__global__ void __launch_bounds__(kBwdThreadsX * kBwdLanes, 8)
+__global__ void __launch_bounds__(kRowSumThreadsX * kRowSumLanes, 8)
     pos_embed_bwd_tokens_kernel(const PosEmbedBwdArgs a, int64_t rows_per_block) {
-  __shared__ float red[2][kBwdLanes][kBwdThreadsX * VEC];
   const int64_t t0 = static_cast<int64_t>(blockIdx.x) * rows_per_block;
   const int64_t t1 = t0 + rows_per_block < a.n ? t0 + rows_per_block : a.n;
-  const int64_t c0 = (static_cast<int64_t>(blockIdx.y) * kBwdThreadsX + threadIdx.x) * VEC;
-  const TG* __restrict__ grad = static_cast<const TG*>(a.grad);
-  const bool active = c0 < a.C;
-  for (int64_t t = t0; t < t1; ++t) {
-    float s[VEC];
+  const int64_t c0 = (static_cast<int64_t>(blockIdx.y) * kRowSumThreadsX + threadIdx.x) * VEC;
+  const auto store = [&](int64_t t, const float (&sum)[VEC]) {
+    float* out = a.gtok + t * a.C + c0;
+    if constexpr (VEC > 1) {
+      // VEC is 4 or 8 here; the host guarantees a 16-byte aligned workspace.
 #pragma unroll
-    for (int v = 0; v < VEC; ++v) s[v] = 0.f;
-    if (active) {
-      const int64_t base = t * a.grad_stride[1] + c0 * a.grad_stride[2];
-#pragma unroll 4
-      for (int64_t b = threadIdx.y; b < a.B; b += kBwdLanes) {
-        if constexpr (VEC > 1) {
-          // Host guarantees unit channel stride, C % VEC == 0 and 16-byte aligned rows.
-          const Pack<TG, VEC> g = *reinterpret_cast<const Pack<TG, VEC>*>(grad + base + b * a.grad_stride[0]);
-#pragma unroll
-          for (int v = 0; v < VEC; ++v) s[v] += to_float<TG>(g.v[v]);
-        } else {
-          s[0] += to_float<TG>(grad[base + b * a.grad_stride[0]]);
-        }
-      }
+      for (int v = 0; v < VEC; v += 4)
+        *reinterpret_cast<Pack<float, 4>*>(out + v) = Pack<float, 4>{{sum[v], sum[v + 1], sum[v + 2], sum[v + 3]}};
+    } else {
+      out[0] = sum[0];
     }
-#pragma unroll
-    for (int v = 0; v < VEC; ++v) red[t & 1][threadIdx.y][threadIdx.x * VEC + v] = s[v];
-    __syncthreads();
-    if (threadIdx.y == 0 && active) {
-      float row[VEC];
-#pragma unroll
-      for (int v = 0; v < VEC; ++v) {
-        row[v] = red[t & 1][0][threadIdx.x * VEC + v];
-#pragma unroll
-        for (int l = 1; l < kBwdLanes; ++l) row[v] += red[t & 1][l][threadIdx.x * VEC + v];
-      }
-      float* out = a.gtok + t * a.C + c0;
-      if constexpr (VEC > 1) {
-        // VEC is 4 or 8 here; the host guarantees a 16-byte aligned workspace.
-#pragma unroll
-        for (int v = 0; v < VEC; v += 4)
-          *reinterpret_cast<Pack<float, 4>*>(out + v) = Pack<float, 4>{{row[v], row[v + 1], row[v + 2], row[v + 3]}};
-      } else {
-        out[0] = row[0];
-      }
-    }
-    // No second barrier: the next token writes the other buffer, and the one after
-    // this buffer again only past the next token's barrier, which lane 0 also reaches.
-  }
+  };
+  batch_row_sums<TG, VEC>(static_cast<const TG*>(a.grad), a.grad_stride, a.B, t0, t1, c0, c0 < a.C, store);
 }
 
 // Each thread owns VEC consecutive channels of one table row (VEC = 4: one 16-byte
@@ -385,12 +296,8 @@ void pos_embed_add_fwd(const PosEmbedFwdArgs& a, int device, cudaStream_t stream
   POSENC_CHECK_ARG(a.x && a.out && (!a.table || (a.ptr && a.idx && a.w)) && (!a.coords || a.desc),
                    "pos_embed_add_fwd: null pointer");
   set_device(device);
-  dispatch_dtype(a.x_dtype, "x", [&](auto tx) {
-    using TX = decltype(tx);
-    dispatch_dtype(a.out_dtype, "out", [&](auto to) {
-      using TO = decltype(to);
-      launch_fwd<TX, TO>(a, device, stream);
-    });
+  dispatch_x_out(a.x_dtype, a.out_dtype, [&](auto tx, auto to) {
+    launch_fwd<decltype(tx), decltype(to)>(a, device, stream);
   });
 }
 
@@ -401,12 +308,8 @@ void pos_embed_add_grid_fwd(const PosEmbedGridFwdArgs& a, int device, cudaStream
   if (a.B == 0 || a.n == 0) return;
   POSENC_CHECK_ARG(a.x && a.out && a.grid && a.chunks && a.Q > 0, "pos_embed_add_grid_fwd: null pointer");
   set_device(device);
-  dispatch_dtype(a.x_dtype, "x", [&](auto tx) {
-    using TX = decltype(tx);
-    dispatch_dtype(a.out_dtype, "out", [&](auto to) {
-      using TO = decltype(to);
-      launch_grid_fwd<TX, TO>(a, device, stream);
-    });
+  dispatch_x_out(a.x_dtype, a.out_dtype, [&](auto tx, auto to) {
+    launch_grid_fwd<decltype(tx), decltype(to)>(a, device, stream);
   });
 }
 
@@ -416,16 +319,16 @@ void pos_embed_add_bwd(const PosEmbedBwdArgs& a, int device, cudaStream_t stream
   POSENC_CHECK_ARG((a.K == 0 || (a.dtable && a.tptr)) && (a.n == 0 || a.gtok) && (a.B * a.n == 0 || a.grad),
                    "pos_embed_add_bwd: null pointer");
   set_device(device);
-  const bool ws_aligned = reinterpret_cast<uintptr_t>(a.gtok) % 16 == 0;
+  const bool ws_aligned = aligned(a.gtok, 16);
   if (a.n > 0) {
     dispatch_dtype(a.grad_dtype, "grad", [&](auto tg) {
       using TG = decltype(tg);
       constexpr int kVec = 16 / sizeof(TG);
-      const bool vec = a.grad_stride[2] == 1 && a.C % kVec == 0 && a.grad_stride[0] % kVec == 0 &&
-                       a.grad_stride[1] % kVec == 0 && reinterpret_cast<uintptr_t>(a.grad) % 16 == 0 && ws_aligned;
-      const dim3 block(kBwdThreadsX, kBwdLanes);
-      const unsigned gy = ceil_div(a.C, kBwdThreadsX * (vec ? kVec : 1));
-      const int64_t rows = rows_per_block(gy, a.n, thread_bound_slots(kBwdThreadsX * kBwdLanes, device), kBwdMaxRows);
+      const bool vec = vector_rows(a.grad, a.grad_stride, a.C, kVec, 16) && ws_aligned;
+      const dim3 block(kRowSumThreadsX, kRowSumLanes);
+      const unsigned gy = ceil_div(a.C, kRowSumThreadsX * (vec ? kVec : 1));
+      const int64_t rows =
+          rows_per_block(gy, a.n, thread_bound_slots(kRowSumThreadsX * kRowSumLanes, device), kBwdMaxRows);
       const dim3 grid(ceil_div(a.n, rows), gy);
       if (vec)
         pos_embed_bwd_tokens_kernel<TG, kVec><<<grid, block, 0, stream>>>(a, rows);

@@ -12,28 +12,10 @@
 #include "device_utils.cuh"
 #include "posenc_fast/pyramid_pos_level_add.h"
 
-#include <algorithm>
-
 namespace posenc {
 namespace {
 
 constexpr float kLn10000 = 9.210340371976184f;
-
-__device__ __forceinline__ float load_any(const void* p, int64_t i, DType t) {
-  switch (t) {
-    case DType::kFloat16: return __half2float(static_cast<const __half*>(p)[i]);
-    case DType::kBFloat16: return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
-    default: return static_cast<const float*>(p)[i];
-  }
-}
-
-__device__ __forceinline__ void store_any(void* p, int64_t i, DType t, float v) {
-  switch (t) {
-    case DType::kFloat16: static_cast<__half*>(p)[i] = __float2half_rn(v); return;
-    case DType::kBFloat16: static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(v); return;
-    default: static_cast<float*>(p)[i] = v;
-  }
-}
 
 // Fixed pyramid table (SPEC §2.1): channels [0, C/2) encode the row, [C/2, C) the
 // column; within a half, pe[2i] = sin(p * w_i), pe[2i+1] = cos(p * w_i),
@@ -46,11 +28,6 @@ __device__ __forceinline__ float sincos_value(int row, int col, int64_t c, int64
   const float angle = static_cast<float>(is_row ? row : col) * w;
   return (k % 2 == 0) ? sinf(angle) : cosf(angle);
 }
-
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Pack {
-  T v[N];
-};
 
 template <typename TX, typename TO, int VEC>
 __global__ void pyramid_add_fwd_kernel(const PyramidAddFwdArgs a, int64_t batch_per_block) {
@@ -78,99 +55,45 @@ __global__ void pyramid_add_fwd_kernel(const PyramidAddFwdArgs a, int64_t batch_
   const int64_t b_begin = static_cast<int64_t>(blockIdx.z) * batch_per_block;
   const int64_t b_end = b_begin + batch_per_block < a.B ? b_begin + batch_per_block : a.B;
 #pragma unroll 4
-  for (int64_t b = b_begin; b < b_end; ++b) {
-    const int64_t xo = b * a.x_stride[0] + t * a.x_stride[1];
-    const int64_t oo = (b * a.n + t) * a.C + c0;
-    if constexpr (VEC > 1) {
-      // Host guarantees unit channel stride, C % VEC == 0 and aligned rows.
-      const Pack<TX, VEC> xv = *reinterpret_cast<const Pack<TX, VEC>*>(x + xo + c0);
-      Pack<TO, VEC> ov;
-#pragma unroll
-      for (int v = 0; v < VEC; ++v) ov.v[v] = from_float<TO>(to_float<TX>(xv.v[v]) + emb[v]);
-      *reinterpret_cast<Pack<TO, VEC>*>(out + oo) = ov;
-    } else {
-      out[oo] = from_float<TO>(to_float<TX>(x[xo + c0 * a.x_stride[2]]) + emb[0]);
-    }
-  }
+  for (int64_t b = b_begin; b < b_end; ++b)
+    store_sum<TX, TO, VEC>(x, b * a.x_stride[0] + t * a.x_stride[1], c0, a.x_stride[2], out,
+                           (b * a.n + t) * a.C + c0, emb);
 }
 
 template <typename TX, typename TO>
 void launch_fwd(const PyramidAddFwdArgs& a, int device, cudaStream_t stream) {
   constexpr int kVec = 16 / sizeof(TX);
-  const auto aligned = [](const void* p, size_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; };
-  // The out pack is kVec elements of TO: 32 bytes for 16-bit x with fp32 out, which
-  // sm_100+ stores with one 32-byte instruction, so out needs that alignment too.
-  const bool vec = a.x_stride[2] == 1 && a.C % kVec == 0 && a.x_stride[0] % kVec == 0 &&
-                   a.x_stride[1] % kVec == 0 && aligned(a.x, alignof(Pack<TX, kVec>)) &&
-                   aligned(a.out, alignof(Pack<TO, kVec>));
-  const int vec_width = vec ? kVec : 1;
-  const int64_t lanes = (a.C + vec_width - 1) / vec_width;
-  const int bx = static_cast<int>(std::min<int64_t>(128, ((lanes + 31) / 32) * 32));
-  const int by = std::max(1, 256 / bx);
-  const unsigned gx = ceil_div(a.n, by), gy = ceil_div(lanes, bx);
+  const bool vec = token_packs_fit<TX, TO, kVec>(a.x, a.x_stride, a.C, a.out);
   // Each block reuses its embedding for its slice of the batch (grid.z), sliced for
   // whole waves; 32 registers leave the thread limit binding.
-  const int64_t per_block = batch_per_block(int64_t(gx) * gy, a.B, thread_bound_slots(bx * by, device));
-  const dim3 grid(gx, gy, static_cast<unsigned>((a.B + per_block - 1) / per_block));
-  const dim3 block(bx, by);
+  const TokenLaunch l =
+      token_launch(a.n, a.C, vec ? kVec : 1, a.B, [&](int threads) { return thread_bound_slots(threads, device); });
   if (vec)
-    pyramid_add_fwd_kernel<TX, TO, kVec><<<grid, block, 0, stream>>>(a, per_block);
+    pyramid_add_fwd_kernel<TX, TO, kVec><<<l.grid, l.block, 0, stream>>>(a, l.batch_per_block);
   else
-    pyramid_add_fwd_kernel<TX, TO, 1><<<grid, block, 0, stream>>>(a, per_block);
+    pyramid_add_fwd_kernel<TX, TO, 1><<<l.grid, l.block, 0, stream>>>(a, l.batch_per_block);
   check_last_launch("pyramid_add_fwd_kernel");
 }
 
-constexpr int kBwdThreadsX = 32;  // channel vectors per block (a warp: coalesced)
-constexpr int kBwdLanes = 8;       // threads along the batch
-
-// Each thread owns VEC consecutive channels (one 16-byte load per batch row when the
-// host allows it) and a stride of the batch; the lanes' sums meet in shared memory,
-// double-buffered by row so that one barrier per row separates writes and reads.
+// Per row of the chunk, the batch sum of its gradient (batch_row_sums): its dpos row
+// written, and the chunk's sum kept for the level.
 template <typename TG, int VEC>
 __global__ void pyramid_add_bwd_rows_kernel(const PyramidAddBwdArgs a) {
-  __shared__ float red[2][kBwdLanes][kBwdThreadsX * VEC];
   const int64_t chunk = blockIdx.x;
-  const int64_t c0 = (static_cast<int64_t>(blockIdx.y) * kBwdThreadsX + threadIdx.x) * VEC;
-  const int r0 = a.chunks[3 * chunk], r1 = a.chunks[3 * chunk + 1];
-  const TG* __restrict__ grad = static_cast<const TG*>(a.grad);
+  const int64_t c0 = (static_cast<int64_t>(blockIdx.y) * kRowSumThreadsX + threadIdx.x) * VEC;
   const bool active = c0 < a.C;
   float chunk_sum[VEC];
 #pragma unroll
   for (int v = 0; v < VEC; ++v) chunk_sum[v] = 0.f;
-  for (int r = r0; r < r1; ++r) {
-    float s[VEC];
+  const auto add = [&](int64_t r, const float (&row)[VEC]) {
 #pragma unroll
-    for (int v = 0; v < VEC; ++v) s[v] = 0.f;
-    if (active) {
-      const int64_t base = r * a.grad_stride[1] + c0 * a.grad_stride[2];
-#pragma unroll 4
-      for (int64_t b = threadIdx.y; b < a.B; b += kBwdLanes) {
-        if constexpr (VEC > 1) {
-          // Host guarantees unit channel stride, C % VEC == 0 and 16-byte aligned rows.
-          const Pack<TG, VEC> g = *reinterpret_cast<const Pack<TG, VEC>*>(grad + base + b * a.grad_stride[0]);
-#pragma unroll
-          for (int v = 0; v < VEC; ++v) s[v] += to_float<TG>(g.v[v]);
-        } else {
-          s[0] += to_float<TG>(grad[base + b * a.grad_stride[0]]);
-        }
-      }
+    for (int v = 0; v < VEC; ++v) {
+      if (a.dpos) store_any(a.dpos, r * a.dpos_row_stride + c0 + v, a.dpos_dtype, a.pos_weight * row[v]);
+      chunk_sum[v] += row[v];
     }
-#pragma unroll
-    for (int v = 0; v < VEC; ++v) red[r & 1][threadIdx.y][threadIdx.x * VEC + v] = s[v];
-    __syncthreads();
-    if (threadIdx.y == 0 && active) {
-#pragma unroll
-      for (int v = 0; v < VEC; ++v) {
-        float row = red[r & 1][0][threadIdx.x * VEC + v];
-#pragma unroll
-        for (int l = 1; l < kBwdLanes; ++l) row += red[r & 1][l][threadIdx.x * VEC + v];
-        if (a.dpos) store_any(a.dpos, r * a.dpos_row_stride + c0 + v, a.dpos_dtype, a.pos_weight * row);
-        chunk_sum[v] += row;
-      }
-    }
-    // No second barrier: the next row writes the other buffer, and the one after
-    // this buffer again only past the next row's barrier, which lane 0 also reaches.
-  }
+  };
+  batch_row_sums<TG, VEC>(static_cast<const TG*>(a.grad), a.grad_stride, a.B, a.chunks[3 * chunk],
+                          a.chunks[3 * chunk + 1], c0, active, add);
   if (threadIdx.y == 0 && active) {
 #pragma unroll
     for (int v = 0; v < VEC; ++v) a.partial[chunk * a.C + c0 + v] = chunk_sum[v];
@@ -210,12 +133,8 @@ void pyramid_pos_level_add_fwd(const PyramidAddFwdArgs& a, int device, cudaStrea
   if (a.B == 0 || a.n == 0) return;
   POSENC_CHECK_ARG(a.x && a.lvl && a.token_meta && a.out, "pyramid_pos_level_add_fwd: null pointer");
   set_device(device);
-  dispatch_dtype(a.x_dtype, "x", [&](auto tx) {
-    using TX = decltype(tx);
-    dispatch_dtype(a.out_dtype, "out", [&](auto to) {
-      using TO = decltype(to);
-      launch_fwd<TX, TO>(a, device, stream);
-    });
+  dispatch_x_out(a.x_dtype, a.out_dtype, [&](auto tx, auto to) {
+    launch_fwd<decltype(tx), decltype(to)>(a, device, stream);
   });
 }
 
@@ -232,14 +151,13 @@ void pyramid_pos_level_add_bwd(const PyramidAddBwdArgs& a, int device, cudaStrea
     dispatch_dtype(a.grad_dtype, "grad", [&](auto tg) {
       using TG = decltype(tg);
       constexpr int kVec = 16 / sizeof(TG);
-      const bool vec = a.grad_stride[2] == 1 && a.C % kVec == 0 && a.grad_stride[0] % kVec == 0 &&
-                       a.grad_stride[1] % kVec == 0 && reinterpret_cast<uintptr_t>(a.grad) % 16 == 0;
-      const dim3 block(kBwdThreadsX, kBwdLanes);
+      const bool vec = vector_rows(a.grad, a.grad_stride, a.C, kVec, 16);
+      const dim3 block(kRowSumThreadsX, kRowSumLanes);
       if (vec) {
-        const dim3 grid(static_cast<unsigned>(a.num_chunks), ceil_div(a.C, kBwdThreadsX * kVec));
+        const dim3 grid(static_cast<unsigned>(a.num_chunks), ceil_div(a.C, kRowSumThreadsX * kVec));
         pyramid_add_bwd_rows_kernel<TG, kVec><<<grid, block, 0, stream>>>(a);
       } else {
-        const dim3 grid(static_cast<unsigned>(a.num_chunks), ceil_div(a.C, kBwdThreadsX));
+        const dim3 grid(static_cast<unsigned>(a.num_chunks), ceil_div(a.C, kRowSumThreadsX));
         pyramid_add_bwd_rows_kernel<TG, 1><<<grid, block, 0, stream>>>(a);
       }
       check_last_launch("pyramid_add_bwd_rows_kernel");
@@ -247,7 +165,7 @@ void pyramid_pos_level_add_bwd(const PyramidAddBwdArgs& a, int device, cudaStrea
   }
   // The partials are the caller's fp32 (num_chunks, C) workspace: 16-byte rows when C % 4 == 0.
   constexpr int kLevelVec = 4;
-  const bool level_vec = a.C % kLevelVec == 0 && reinterpret_cast<uintptr_t>(a.partial) % 16 == 0;
+  const bool level_vec = a.C % kLevelVec == 0 && aligned(a.partial, 16);
   if (level_vec) {
     const dim3 grid(static_cast<unsigned>(a.S), ceil_div(a.C, 256 * kLevelVec));
     pyramid_add_bwd_levels_kernel<kLevelVec><<<grid, 256, 0, stream>>>(a);

@@ -86,48 +86,17 @@ __device__ __forceinline__ void rope_cos_sin(const float* c, int j, const QkvRop
   }
 }
 
-template <typename T, int N>
-struct alignas(sizeof(T) * N) VecN {
-  T v[N];
-};
-
-// N consecutive elements at p: one N-vector (VEC: p is aligned to it) or N scalars.
-template <typename T, int N, bool VEC>
-__device__ __forceinline__ void load_run(const T* p, float (&out)[N]) {
-  if constexpr (VEC) {
-    const VecN<T, N> v = *reinterpret_cast<const VecN<T, N>*>(p);
-#pragma unroll
-    for (int i = 0; i < N; ++i) out[i] = to_float<T>(v.v[i]);
-  } else {
-#pragma unroll
-    for (int i = 0; i < N; ++i) out[i] = to_float<T>(p[i]);
-  }
-}
-
-template <typename T, int N, bool VEC>
-__device__ __forceinline__ void store_run(T* p, const float (&in)[N]) {
-  if constexpr (VEC) {
-    VecN<T, N> v;
-#pragma unroll
-    for (int i = 0; i < N; ++i) v.v[i] = from_float<T>(in[i]);
-    *reinterpret_cast<VecN<T, N>*>(p) = v;
-  } else {
-#pragma unroll
-    for (int i = 0; i < N; ++i) p[i] = from_float<T>(in[i]);
-  }
-}
-
 // Pairs j0 .. j0 + VP - 1 of a head row of 2P elements whose first R pairs rotate:
 // interleaved, one run of 2 VP elements; half, runs of VP elements at the pairs'
 // first and second dims (half_first / half_second; the VP pairs lie on one side of R).
 template <typename T, int VP, bool HALF, bool VEC>
 __device__ __forceinline__ void load_pairs(const T* row, int j0, int P, int R, float (&x0)[VP], float (&x1)[VP]) {
   if constexpr (HALF) {
-    load_run<T, VP, VEC>(row + half_first(j0, R), x0);
-    load_run<T, VP, VEC>(row + half_second(j0, P, R), x1);
+    load_n<T, VP, VEC>(row + half_first(j0, R), 1, x0);
+    load_n<T, VP, VEC>(row + half_second(j0, P, R), 1, x1);
   } else {
     float e[2 * VP];
-    load_run<T, 2 * VP, VEC>(row + 2 * j0, e);
+    load_n<T, 2 * VP, VEC>(row + 2 * j0, 1, e);
 #pragma unroll
     for (int v = 0; v < VP; ++v) {
       x0[v] = e[2 * v];
@@ -140,8 +109,8 @@ template <typename T, int VP, bool HALF, bool VEC>
 __device__ __forceinline__ void store_pairs(T* row, int j0, int P, int R, const float (&x0)[VP],
                                             const float (&x1)[VP]) {
   if constexpr (HALF) {
-    store_run<T, VP, VEC>(row + half_first(j0, R), x0);
-    store_run<T, VP, VEC>(row + half_second(j0, P, R), x1);
+    store_n<T, VP, VEC>(row + half_first(j0, R), 1, x0);
+    store_n<T, VP, VEC>(row + half_second(j0, P, R), 1, x1);
   } else {
     float e[2 * VP];
 #pragma unroll
@@ -149,7 +118,7 @@ __device__ __forceinline__ void store_pairs(T* row, int j0, int P, int R, const 
       e[2 * v] = x0[v];
       e[2 * v + 1] = x1[v];
     }
-    store_run<T, 2 * VP, VEC>(row + 2 * j0, e);
+    store_n<T, 2 * VP, VEC>(row + 2 * j0, 1, e);
   }
 }
 
@@ -637,8 +606,6 @@ qkv_bwd_kernel(const QkvProjBwdArgs a, int head_warps) {
       }
   }
 }
-
-bool aligned(const void* p, size_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
 
 void check_common(int64_t B, int64_t L, int64_t H, int64_t D, const QkvRopeArgs& r, const char* fn) {
   POSENC_CHECK_ARG(B >= 0 && L >= 0 && H >= 1, std::string(fn) + ": needs B, L >= 0 and H >= 1");

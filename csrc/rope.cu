@@ -66,37 +66,6 @@ inline int heads_per_block(int B, int L, int P, int Htot) {
   return (int)best_per;
 }
 
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Vec {
-  T v[N];
-};
-
-// Loads N elements starting at p (stride s); VEC: contiguous and 16-byte aligned.
-template <typename T, int N, bool VEC>
-__device__ __forceinline__ void load_n(const T* p, int64_t s, float (&out)[N]) {
-  if constexpr (VEC) {
-    const Vec<T, N> v = *reinterpret_cast<const Vec<T, N>*>(p);
-#pragma unroll
-    for (int i = 0; i < N; ++i) out[i] = to_float(v.v[i]);
-  } else {
-#pragma unroll
-    for (int i = 0; i < N; ++i) out[i] = to_float(p[i * s]);
-  }
-}
-
-template <typename T, int N, bool VEC>
-__device__ __forceinline__ void store_n(T* p, int64_t s, const float (&in)[N]) {
-  if constexpr (VEC) {
-    Vec<T, N> v;
-#pragma unroll
-    for (int i = 0; i < N; ++i) v.v[i] = from_float<T>(in[i]);
-    *reinterpret_cast<Vec<T, N>*>(p) = v;
-  } else {
-#pragma unroll
-    for (int i = 0; i < N; ++i) p[i * s] = from_float<T>(in[i]);
-  }
-}
-
 // The VP pairs starting at pair j0 of the row at p (element stride s, P pairs).
 template <typename T, int VP, bool INTERLEAVED, bool VEC>
 __device__ __forceinline__ void load_pairs(const T* p, int64_t s, int j0, int P, float (&x0)[VP], float (&x1)[VP]) {
@@ -289,8 +258,7 @@ constexpr int vector_pairs(bool interleaved) {
 }
 
 bool vec_ok(const RopeTensor& t, int elems) {
-  const uintptr_t a = reinterpret_cast<uintptr_t>(t.ptr);
-  if (a % 16 != 0 || t.stride[3] != 1) return false;
+  if (!aligned(t.ptr, 16) || t.stride[3] != 1) return false;
   for (int d = 0; d < 3; ++d)
     if (t.stride[d] % elems != 0) return false;
   return true;
