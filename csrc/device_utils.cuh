@@ -8,6 +8,9 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <map>
+#include <mutex>
+#include <tuple>
 
 #include "posenc_fast/common.h"
 
@@ -95,6 +98,7 @@ __device__ __forceinline__ void store_sum(const TX* __restrict__ x, int64_t xo, 
 // the batch.
 constexpr int kRowSumThreadsX = 32;
 constexpr int kRowSumLanes = 8;
+constexpr int kRowSumThreads = kRowSumThreadsX * kRowSumLanes;
 
 // The sums over the B batch rows of rows r0 <= r < r1 of grad (element strides gs:
 // batch, row, channel), in a block of (kRowSumThreadsX, kRowSumLanes) threads: thread
@@ -173,11 +177,24 @@ inline bool vector_rows(const void* p, const int64_t (&stride)[3], int64_t C, in
 // Host-side launch rules shared by the launchers (the Triton launchers use the same
 // ones, triton_kernels/_launch.py).
 
-// Blocks of `threads` threads that `device` holds at once when the thread limit binds
-// (2048 threads and 32 blocks per SM: kernels of <= 32 registers a thread;
-// tools/kernel_report.py checks the waves against the compiled kernels).
-inline int64_t thread_bound_slots(int threads, int device) {
-  return static_cast<int64_t>(std::min(32, 2048 / threads)) * num_sms(device);
+// Blocks of `threads` threads of `kernel` (no dynamic shared memory) that `device`
+// holds at once, as compiled for it: launch bounds holding a kernel to the 32
+// registers at which 2048 threads fill an SM make some variants spill (pos_embed's
+// forward on sm_90, pyramid's on sm_100) and do not apply on 1536-thread SMs. Cached
+// per device, kernel and block size: a query per launch would cost more host time
+// than a small kernel takes.
+template <typename Kernel>
+int64_t resident_slots(Kernel kernel, int threads, int device) {
+  static std::mutex mu;
+  static std::map<std::tuple<int, const void*, int>, int> per_sm;
+  int blocks;
+  {
+    const std::lock_guard<std::mutex> lock(mu);
+    int& cached = per_sm[{device, reinterpret_cast<const void*>(kernel), threads}];
+    if (cached == 0) POSENC_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&cached, kernel, threads, 0));
+    blocks = cached;
+  }
+  return static_cast<int64_t>(std::max(blocks, 1)) * num_sms(device);
 }
 
 // Fraction of the `slots` resident blocks the last wave leaves busy, over the run.
@@ -223,17 +240,18 @@ struct TokenLaunch {
   int64_t batch_per_block;
 };
 
-// Launch shape of such a forward, `vec` channels a thread: thread (x, y) of block
-// (i, j, k) owns token i blockDim.y + y, channels from (j blockDim.x + x) vec, and the
-// batch rows of slice k. Up to 128 lanes of channel vectors by as many tokens as fill
-// kTokenThreads; the batch sliced for whole waves of slots(threads per block).
-template <typename Slots>
-TokenLaunch token_launch(int64_t n, int64_t C, int vec, int64_t B, Slots&& slots) {
+// Launch shape of such a forward `kernel`, `vec` channels a thread: thread (x, y) of
+// block (i, j, k) owns token i blockDim.y + y, channels from (j blockDim.x + x) vec,
+// and the batch rows of slice k. Up to 128 lanes of channel vectors by as many tokens
+// as fill kTokenThreads; the batch sliced for whole waves of the blocks the kernel
+// leaves resident.
+template <typename Kernel>
+TokenLaunch token_launch(Kernel kernel, int64_t n, int64_t C, int vec, int64_t B, int device) {
   const int64_t lanes = (C + vec - 1) / vec;
   const int bx = static_cast<int>(std::min<int64_t>(128, ((lanes + 31) / 32) * 32));
   const int by = std::max(1, kTokenThreads / bx);
   const unsigned gx = ceil_div(n, by), gy = ceil_div(lanes, bx);
-  const int64_t per_block = batch_per_block(int64_t(gx) * gy, B, slots(bx * by));
+  const int64_t per_block = batch_per_block(int64_t(gx) * gy, B, resident_slots(kernel, bx * by, device));
   return {dim3(gx, gy, static_cast<unsigned>((B + per_block - 1) / per_block)), dim3(bx, by), per_block};
 }
 

@@ -76,22 +76,14 @@ template <typename TX, typename TO>
 void launch_fwd(const PosEmbedFwdArgs& a, int device, cudaStream_t stream) {
   constexpr int kVec = 16 / sizeof(TX);
   const bool vec = token_packs_fit<TX, TO, kVec>(a.x, a.x_stride, a.C, a.out);
+  const bool per_image = a.coords && a.coords_image_stride != 0;
+  const auto kernel =
+      per_image ? (vec ? &pos_embed_fwd_kernel<TX, TO, kVec, true> : &pos_embed_fwd_kernel<TX, TO, 1, true>)
+                : (vec ? &pos_embed_fwd_kernel<TX, TO, kVec, false> : &pos_embed_fwd_kernel<TX, TO, 1, false>);
   // Each block reuses its embedding for its slice of the batch (grid.z), sliced for
-  // whole waves as in the pyramid forward; <= 32 registers leave the thread limit
-  // binding (the per-image variants take up to 44: DETR's masked case gets estimated waves).
-  const TokenLaunch l =
-      token_launch(a.n, a.C, vec ? kVec : 1, a.B, [&](int threads) { return thread_bound_slots(threads, device); });
-  if (a.coords && a.coords_image_stride != 0) {
-    if (vec)
-      pos_embed_fwd_kernel<TX, TO, kVec, true><<<l.grid, l.block, 0, stream>>>(a, l.batch_per_block);
-    else
-      pos_embed_fwd_kernel<TX, TO, 1, true><<<l.grid, l.block, 0, stream>>>(a, l.batch_per_block);
-  } else {
-    if (vec)
-      pos_embed_fwd_kernel<TX, TO, kVec, false><<<l.grid, l.block, 0, stream>>>(a, l.batch_per_block);
-    else
-      pos_embed_fwd_kernel<TX, TO, 1, false><<<l.grid, l.block, 0, stream>>>(a, l.batch_per_block);
-  }
+  // whole waves as in the pyramid forward.
+  const TokenLaunch l = token_launch(kernel, a.n, a.C, vec ? kVec : 1, a.B, device);
+  kernel<<<l.grid, l.block, 0, stream>>>(a, l.batch_per_block);
   check_last_launch("pos_embed_fwd_kernel");
 }
 
@@ -237,10 +229,10 @@ void launch_grid_fwd(const PosEmbedGridFwdArgs& a, int device, cudaStream_t stre
 constexpr int kBwdMaxRows = 4;  // tokens per block, chosen for whole waves
 
 // Per token of the block's rows, the batch sum of its gradient (batch_row_sums) into
-// the fp32 workspace. 32 registers (8 blocks per SM: the thread limit binds) spill
-// nothing and let the host size the grid for whole waves.
+// the fp32 workspace. 32 registers (8 blocks per SM: the thread limit binds on
+// sm_80 / sm_90) spill nothing there.
 template <typename TG, int VEC>
-__global__ void __launch_bounds__(kRowSumThreadsX * kRowSumLanes, 8)
+__global__ void __launch_bounds__(kRowSumThreads, 8)
     pos_embed_bwd_tokens_kernel(const PosEmbedBwdArgs a, int64_t rows_per_block) {
   const int64_t t0 = static_cast<int64_t>(blockIdx.x) * rows_per_block;
   const int64_t t1 = t0 + rows_per_block < a.n ? t0 + rows_per_block : a.n;
@@ -325,15 +317,10 @@ void pos_embed_add_bwd(const PosEmbedBwdArgs& a, int device, cudaStream_t stream
       using TG = decltype(tg);
       constexpr int kVec = 16 / sizeof(TG);
       const bool vec = vector_rows(a.grad, a.grad_stride, a.C, kVec, 16) && ws_aligned;
-      const dim3 block(kRowSumThreadsX, kRowSumLanes);
+      const auto kernel = vec ? &pos_embed_bwd_tokens_kernel<TG, kVec> : &pos_embed_bwd_tokens_kernel<TG, 1>;
       const unsigned gy = ceil_div(a.C, kRowSumThreadsX * (vec ? kVec : 1));
-      const int64_t rows =
-          rows_per_block(gy, a.n, thread_bound_slots(kRowSumThreadsX * kRowSumLanes, device), kBwdMaxRows);
-      const dim3 grid(ceil_div(a.n, rows), gy);
-      if (vec)
-        pos_embed_bwd_tokens_kernel<TG, kVec><<<grid, block, 0, stream>>>(a, rows);
-      else
-        pos_embed_bwd_tokens_kernel<TG, 1><<<grid, block, 0, stream>>>(a, rows);
+      const int64_t rows = rows_per_block(gy, a.n, resident_slots(kernel, kRowSumThreads, device), kBwdMaxRows);
+      kernel<<<dim3(ceil_div(a.n, rows), gy), dim3(kRowSumThreadsX, kRowSumLanes), 0, stream>>>(a, rows);
       check_last_launch("pos_embed_bwd_tokens_kernel");
     });
   }

@@ -64,14 +64,11 @@ template <typename TX, typename TO>
 void launch_fwd(const PyramidAddFwdArgs& a, int device, cudaStream_t stream) {
   constexpr int kVec = 16 / sizeof(TX);
   const bool vec = token_packs_fit<TX, TO, kVec>(a.x, a.x_stride, a.C, a.out);
+  const auto kernel = vec ? &pyramid_add_fwd_kernel<TX, TO, kVec> : &pyramid_add_fwd_kernel<TX, TO, 1>;
   // Each block reuses its embedding for its slice of the batch (grid.z), sliced for
-  // whole waves; 32 registers leave the thread limit binding.
-  const TokenLaunch l =
-      token_launch(a.n, a.C, vec ? kVec : 1, a.B, [&](int threads) { return thread_bound_slots(threads, device); });
-  if (vec)
-    pyramid_add_fwd_kernel<TX, TO, kVec><<<l.grid, l.block, 0, stream>>>(a, l.batch_per_block);
-  else
-    pyramid_add_fwd_kernel<TX, TO, 1><<<l.grid, l.block, 0, stream>>>(a, l.batch_per_block);
+  // whole waves.
+  const TokenLaunch l = token_launch(kernel, a.n, a.C, vec ? kVec : 1, a.B, device);
+  kernel<<<l.grid, l.block, 0, stream>>>(a, l.batch_per_block);
   check_last_launch("pyramid_add_fwd_kernel");
 }
 

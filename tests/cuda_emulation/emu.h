@@ -280,6 +280,15 @@ inline cudaError_t emu_cudaDeviceGetAttribute(int* v, cudaDeviceAttr attr, int) 
 #define cudaDeviceGetAttribute emu_cudaDeviceGetAttribute
 #define cudaGetErrorString(e) "emulated CUDA error"
 
+// The occupancy of a compiled kernel: the emulator has no registers, so the thread
+// limit (2048 threads and 32 blocks per SM), as for a kernel of <= 32 registers.
+template <class Kernel>
+cudaError_t emu_cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, Kernel, int threads, size_t) {
+  *blocks = std::min(32, 2048 / threads);
+  return cudaSuccess;
+}
+#define cudaOccupancyMaxActiveBlocksPerMultiprocessor emu_cudaOccupancyMaxActiveBlocksPerMultiprocessor
+
 // kernel<<<grid, block, smem, stream>>>(args) becomes emu_launch(grid, block, smem, [&] { kernel(args); }).
 template <class F>
 void emu_launch(dim3 g, dim3 b, size_t smem, F&& body) {
