@@ -44,22 +44,25 @@ struct Params {
 // and with it the workspace, depends on P only.
 inline int tile_tokens(int P) { return kPairsPerThread * std::max(1, kThreads / P); }
 
-// Resident blocks of a 132-SM GPU at 4 blocks of 256 threads per SM (launch bounds):
-// a constant, not the device's count, so the d freqs reduction order (which follows
-// the head grouping) depends on the shapes only.
-constexpr long long kSlots = 4 * 132;
+// Blocks of kThreads an SM holds, which the launch bounds guarantee: 4 keep enough
+// 16-byte loads in flight; the d freqs variant trades occupancy for its accumulators
+// (2: no spills).
+constexpr int blocks_per_sm(bool dfreqs) { return dfreqs ? 2 : 4; }
 
-inline int heads_per_block(int B, int L, int P, int Htot) {
+inline int heads_per_block(int B, int L, int P, int Htot, bool dfreqs) {
   // Heads are split over blocks only as far as needed: to fill one wave, then to the
   // first split that ends in whole waves (>= 0.85 of the last one busy,
   // tools/kernel_report.py's gate); every split repeats the block's sin/cos work.
+  // Waves of a 132-SM GPU: a constant, not the device's count, so the d freqs
+  // reduction order (which follows the head grouping) depends on the shapes only.
+  const long long slots = 132LL * blocks_per_sm(dfreqs);
   const long long blocks = std::max<long long>(1, (long long)ceil_div(L, tile_tokens(P)) * B);
   long long best_per = Htot;
   double best_eff = -1.0;
-  for (long long s = std::min<long long>(Htot, (kSlots + blocks - 1) / blocks); s <= Htot; ++s) {
+  for (long long s = std::min<long long>(Htot, (slots + blocks - 1) / blocks); s <= Htot; ++s) {
     const long long per = (Htot + s - 1) / s;
     const long long grid = blocks * ((Htot + per - 1) / per);
-    const double eff = double(grid) / double((grid + kSlots - 1) / kSlots * kSlots);
+    const double eff = double(grid) / double((grid + slots - 1) / slots * slots);
     if (eff > best_eff + 1e-9) best_eff = eff, best_per = per;
     if (eff >= 0.85) break;
   }
@@ -117,11 +120,10 @@ __device__ void block_reduce_store(const Params& p, float (&acc)[kMaxAxes][VP], 
   __syncthreads();  // red is reused by the next head
 }
 
-// 4 blocks of 256 threads per SM keep enough 16-byte loads in flight; the d freqs
-// variant trades occupancy for its accumulators (no spills). FULL: a full-width
-// table (4 planes), whose pairs' second elements have their own cos / sin.
+// FULL: a full-width table (4 planes), whose pairs' second elements have their own
+// cos / sin.
 template <typename T, bool INTERLEAVED, int VP, bool VEC, bool DFREQS, bool FULL>
-__global__ void __launch_bounds__(kThreads, DFREQS ? 2 : 4) rope_kernel(const Params p) {
+__global__ void __launch_bounds__(kThreads, blocks_per_sm(DFREQS)) rope_kernel(const Params p) {
   constexpr int NT = kPairsPerThread / VP;  // tokens per thread
   extern __shared__ float red[];
   const int tx = threadIdx.x, ty = threadIdx.y, TY = blockDim.y;
@@ -306,7 +308,7 @@ size_t reduce_rows(int B, int Hq, int Hk, int L, int P, bool per_head) {
   const int Htot = Hq + Hk;
   if (B <= 0 || L <= 0 || P <= 0 || Htot <= 0) return 0;
   const size_t n_l = ceil_div(L, tile_tokens(P));
-  const int per = heads_per_block(B, L, P, Htot);
+  const int per = heads_per_block(B, L, P, Htot, true);
   return per_head ? n_l * B * (Hk > 0 ? 2 : 1) : n_l * B * ((Htot + per - 1) / per);
 }
 
@@ -356,7 +358,7 @@ void rope_apply(const RopeArgs& args, int device, cudaStream_t stream) {
     p.P = P;
     p.A = args.A;
     p.tile = tile_tokens(P);
-    p.heads_per_block = heads_per_block(args.B, args.L, P, Htot);
+    p.heads_per_block = heads_per_block(args.B, args.L, P, Htot, dfreqs);
     p.n_kinds = args.Hk > 0 ? 2 : 1;
     p.per_head = args.per_head;
     p.conjugate = args.conjugate;
