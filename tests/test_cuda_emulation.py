@@ -1161,3 +1161,35 @@ def test_pos_embed_sampling_runs_planned_launches(emu_pos_embed, planned, kind):
             assert spy.answers[:1] == [False], what
             spy.answers.clear()
             _close(out, pe_ref.pos_embed_add(xx, kind, sc, start=start, **kwargs), FWD_TOL[out.dtype], what)
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_qkv_proj_sampling_under_autocast_leaves_the_weight_cast_to_f_linear(emu_qkv, monkeypatch, cached):
+    """No grad, CUDA backend, autocast: F.linear casts the fp32 weight itself (reusing
+    autocast's cache of that cast, like the model's own linear); the result is the
+    reference's under the same autocast, and a grad-mode call (which casts explicitly
+    for its backward) gives the same numbers."""
+    monkeypatch.setattr(_backends, "unavailable_reason", lambda name, device=None: None)
+    torch.manual_seed(5)
+    x = torch.randn(2, 3, 64)
+    lin = torch.nn.Linear(64, 192)
+    q_scale = torch.rand(4) + 0.5
+    kw = dict(num_heads=4, qk_l2norm=True, q_scale=q_scale)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        exp = qkv_ref.qkv_proj(x.bfloat16(), lin.weight.bfloat16(), lin.bias.bfloat16(), **kw)
+        with torch.no_grad():
+            if cached:
+                kc, vc = (torch.full((2, 4, 8, 16), float("nan"), dtype=torch.bfloat16) for _ in range(2))
+                q, _, _ = pf.qkv_proj(x, lin.weight, lin.bias, kv_cache=(kc, vc), cache_start=2, backend="cuda",
+                                      **kw)
+                got = (q, kc[:, :, 2:5], vc[:, :, 2:5])
+            else:
+                got = pf.qkv_proj(x, lin.weight, lin.bias, backend="cuda", **kw)
+        _ran(emu_qkv, "qkv")
+        for name, a, e in zip("qkv", got, exp):
+            assert a.dtype == torch.bfloat16, name
+            _close(a, e, FWD_TOL[torch.bfloat16], name)
+        if not cached:
+            again = pf.qkv_proj(x, lin.weight, lin.bias, backend="cuda", **kw)  # grad mode: explicit casts
+            for a, b in zip(got, again):
+                assert torch.equal(a, b.detach())

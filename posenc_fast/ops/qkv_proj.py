@@ -544,7 +544,12 @@ def qkv_proj(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
     if kv_cache is not None:
         _cache_call_checks(kv_cache, x, weight, bias, q_scale, freqs)
     if cast is not None:
-        x, weight = x.to(cast), weight.to(cast)
+        # The CUDA backend's GEMM is F.linear, which under autocast casts the weight
+        # itself and keeps that cast across the calls of one autocast region (as for
+        # the model's own F.linear): with no autograd to feed, it gets the weight as is.
+        if not (name == "cuda" and not torch.is_grad_enabled() and not _fastpath._traced()):
+            weight = weight.to(cast)
+        x = x.to(cast)
         bias = None if bias is None else bias.to(cast)
     if name == "reference":
         with torch.autocast(device.type, enabled=False) if cast is not None else contextlib.nullcontext():
