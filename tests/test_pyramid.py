@@ -315,6 +315,43 @@ def test_gpu_cuda_graph_capture(backend):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("exchange_api", [True, False])
+def test_gpu_sampling_launch_plans_follow_streams_and_graphs(exchange_api):
+    """No grad, CUDA backend: the calls after the first of a scale are planned launches
+    (csrc/bindings/launch_plan.h). They go to the current stream (a side stream, a
+    CUDA graph being captured) and read the tables' current storage."""
+    from posenc_fast import _cuda
+
+    _cuda.connect(_cuda.lib(), exchange_api=exchange_api)
+    try:
+        pos, lvl = _rand(1, 680, 64), _rand(len(VAR_PN), 64)
+        x = _rand(4, 100, 64, dtype=torch.bfloat16)  # scale 8 (10 x 10): tokens [270, 370)
+        with torch.no_grad():
+            def step():
+                return pf.pyramid_pos_level_add(x, pos, lvl, VAR_PN, start=270, backend="cuda")
+
+            want = pf.pyramid_pos_level_add(x, pos, lvl, VAR_PN, start=270, backend="reference")
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                outs = [step() for _ in range(3)]  # the first makes the plan
+            torch.cuda.current_stream().wait_stream(side)
+            for out in outs:
+                torch.testing.assert_close(out, want, atol=1.6e-2, rtol=1.6e-2)
+
+            def refresh():
+                x.copy_(torch.randn_like(x))
+                pos.mul_(-1.0)
+
+            replayed, eager = capture_and_replay(step, refresh)
+            torch.testing.assert_close(replayed, eager, atol=0, rtol=0)
+            torch.testing.assert_close(eager, pf.pyramid_pos_level_add(x, pos, lvl, VAR_PN, start=270,
+                                                                       backend="reference"), atol=1.6e-2, rtol=1.6e-2)
+    finally:
+        _cuda.connect(_cuda.lib())
+
+
+@pytest.mark.gpu
 def test_gpu_cuda_and_triton_agree_and_other_device_index():
     x = _rand(3, 30, 40, dtype=torch.float16)
     pos, lvl = _rand(30, 40), _rand(4, 40)
