@@ -114,7 +114,7 @@ def launch_planned(plan: tuple, x, *tensors) -> Optional[torch.Tensor]:
     alloc, launch, capsule, _ = plan
     try:
         out = alloc(x)
-    except TypeError:  # x is no tensor: the op's checks say so
+    except (TypeError, AttributeError):  # x is no tensor: the op's checks say so
         return None
     return out if launch(capsule, out, x, *tensors) else None
 

@@ -225,3 +225,20 @@ def test_compiled_sampling_calls_do_not_guard_on_the_plan_caches():
         pf.pos_embed_add(x, "mae", [(2, 7)], backend="cuda")
         f(x)
     assert len(graphs) == 1
+
+
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_planned_calls_still_name_a_bad_x(contiguous, monkeypatch):
+    """A launch plan for the call's other arguments exists; an x that is no tensor
+    still gets the op's own error, whatever output allocation the plan uses."""
+    from launch_stubs import stubbed_device_work
+
+    monkeypatch.setattr(pf._checks, "_POISON", False)
+    x, pos, lvl = _pyramid_args()
+    if not contiguous:
+        x = x.transpose(0, 1).contiguous().transpose(0, 1)
+    with torch.no_grad(), stubbed_device_work():
+        pf.pyramid_pos_level_add(x, pos, lvl, PN, backend="cuda")
+        for bad in (None, x.tolist()):
+            with pytest.raises(TypeError, match="x"):
+                pf.pyramid_pos_level_add(bad, pos, lvl, PN, backend="cuda")
