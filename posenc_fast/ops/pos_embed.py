@@ -563,13 +563,16 @@ def pos_embed_add(x: torch.Tensor, kind: str, patch_nums: Sequence[Scale], *, st
     # whose kernel inputs are all cached or given: not SAM's, DETR's masked, nor the
     # stacked tables of NaViT / Pix2Struct).
     # (Grad mode and tracing first: a compiled graph must not guard on the plans.)
+    # The key also files the plan a direct CUDA launch below makes.
+    fast_key = fast = None
     if not _grad_enabled() and not _traced() and gaussian is None and mask is None:
         try:
-            fast = _LAUNCHES.get((requested, kind, patch_nums if type(patch_nums) is tuple else tuple(patch_nums),
-                                  start, num_prefix_tokens, temperature, interleave, reverse_coord, normalize, scale,
-                                  fractional)) if len(tables) < 2 else None
+            if len(tables) < 2:
+                fast_key = (requested, kind, patch_nums if type(patch_nums) is tuple else tuple(patch_nums), start,
+                            num_prefix_tokens, temperature, interleave, reverse_coord, normalize, scale, fractional)
+                fast = _LAUNCHES.get(fast_key)
         except TypeError:  # unhashable or not a sequence: the checks below say what is wrong
-            fast = None
+            fast_key = None
         if fast is not None:
             out = _fastpath.launch_planned(fast, x, tables[0] if tables else None)
             if out is not None:
@@ -600,11 +603,10 @@ def pos_embed_add(x: torch.Tensor, kind: str, patch_nums: Sequence[Scale], *, st
     if route is _fastpath.DIRECT:
         out = _checks.empty_like(x, dtype=out_dtype)  # the plan's dtype: no promotion on the host per call
         _launch_fwd(x, table, cptr, cidx, cw, coords, desc, out, start, angle_scale, name)
-        if name == "cuda" and key is not None and gaussian is None and mask is None and len(tables) < 2:
+        if name == "cuda" and fast_key is not None:
             lib = _cuda.lib()
             fn, plan_args = _cuda_fwd_args(x, table, cptr, cidx, cw, coords, desc, None, start, angle_scale)
-            _LAUNCHES[(requested, kind, key[5], start, num_prefix_tokens, temperature, interleave, reverse_coord,
-                       normalize, scale, fractional)] = (
+            _LAUNCHES[fast_key] = (
                 _fastpath.output_allocator(x, out_dtype), lib.launch_planned, getattr(lib, fn + "_plan")(*plan_args),
                 static)
         return out

@@ -263,12 +263,15 @@ def pyramid_pos_level_add(x: torch.Tensor, pos: Optional[torch.Tensor], lvl: tor
     # against one eager add (bench/host_overhead.py). First the CUDA launch plan of
     # the non-tensor arguments, whose tensors the library checks in C.
     # (Grad mode and tracing first: a compiled graph must not guard on the plans.)
+    # The key also files the plan a direct CUDA launch below makes.
+    fast_key = fast = None
     if not _grad_enabled() and not _traced():
         try:
-            fast = _LAUNCHES.get((requested, patch_nums if type(patch_nums) is tuple else tuple(patch_nums), start,
-                                  pos_weight, sincos_weight))
+            fast_key = (requested, patch_nums if type(patch_nums) is tuple else tuple(patch_nums), start, pos_weight,
+                        sincos_weight)
+            fast = _LAUNCHES.get(fast_key)
         except TypeError:  # unhashable or not a sequence: the checks below say what is wrong
-            fast = None
+            fast_key = None
         if fast is not None:
             out = _fastpath.launch_planned(fast, x, pos, lvl)
             if out is not None:
@@ -291,9 +294,9 @@ def pyramid_pos_level_add(x: torch.Tensor, pos: Optional[torch.Tensor], lvl: tor
     if route is _fastpath.DIRECT:
         out = _checks.empty_like(x, dtype=out_dtype)
         _launch_fwd(x, pos, lvl, meta, out, start, pw, sw, name, codes)
-        if name == "cuda" and key is not None:
+        if name == "cuda" and fast_key is not None:
             lib = _cuda.lib()
-            _LAUNCHES[(key[0], key[8], start, pos_weight, sincos_weight)] = (
+            _LAUNCHES[fast_key] = (
                 _fastpath.output_allocator(x, out_dtype), lib.launch_planned,
                 lib.pyramid_pos_level_add_fwd_plan(*_cuda_fwd_args(x, pos, lvl, meta, None, start, pw, sw, codes)),
                 meta)
